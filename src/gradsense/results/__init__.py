@@ -1,0 +1,5 @@
+"""Result types and their persistence (safetensors + JSON, atomic, no pickle)."""
+
+from gradsense.results.base import Result, Stopwatch, atomic_write_bytes, atomic_write_text, versions
+
+__all__ = ["Result", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]

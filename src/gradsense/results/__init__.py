@@ -3,3 +3,7 @@
 from gradsense.results.base import Result, Stopwatch, atomic_write_bytes, atomic_write_text, versions
 
 __all__ = ["Result", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
+
+from gradsense.results.attribution import AttributionResult
+
+__all__ += ["AttributionResult"]

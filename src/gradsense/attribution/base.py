@@ -1,0 +1,222 @@
+"""The attribution family's shared machinery: one verb (``attribute``), a registry, the checks.
+
+A method is a class with configuration in ``__init__`` and data in ``attribute(inputs, target)``.
+Subclasses implement :meth:`Attribution._compute`, which gets checked inputs and a resolved
+:class:`~gradsense.core.targets.Target` and returns the attribution tensor (plus optional extra
+tensors such as ``delta``). The base class checks arguments before any work, keeps the caller's
+model untouched (flags and hooks restored in ``finally``), times the run and builds the
+:class:`~gradsense.results.AttributionResult`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from gradsense.core.batching import parse_memory
+from gradsense.core.checks import check_inputs
+from gradsense.core.functional import check_model, model_fingerprint, preserve_model
+from gradsense.core.grad import input_gradients, warn_if_train_mode
+from gradsense.core.targets import Target, TargetLike, as_target
+from gradsense.results.attribution import AttributionResult
+
+__all__ = ["METHODS", "Attribution", "attribute", "get_method", "register"]
+
+METHODS: dict[str, type[Attribution]] = {}
+
+
+def register(*names: str) -> Callable[[type[Attribution]], type[Attribution]]:
+    """Class decorator adding an attribution method to the registry under ``names``."""
+
+    def deco(cls: type[Attribution]) -> type[Attribution]:
+        for n in names:
+            METHODS[n] = cls
+        cls.name = names[0]
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> type[Attribution]:
+    """The class registered as ``name``.
+
+    Raises:
+        ValueError: Unknown name (the message lists the known ones).
+    """
+    key = name.lower().replace("-", "_").replace(" ", "_")
+    if key not in METHODS:
+        raise ValueError(f"unknown attribution method {name!r}; available: {sorted(METHODS)}.")
+    return METHODS[key]
+
+
+class Attribution:
+    """Base class of input-attribution methods.
+
+    Args:
+        model: The module to explain (never modified; use ``model.eval()`` yourself).
+        chunk_size: Rows (examples x samples) per forward/backward; default from ``max_memory``.
+        max_memory: Memory budget, bytes or e.g. ``"2GB"``; default a quarter of free memory.
+        forward: How to run the model on a batch of inputs (default ``model(x)``); for models whose
+            call takes more than one argument.
+        show_progress: Progress bar (``None``: only on a TTY).
+    """
+
+    name: ClassVar[str] = "attribution"
+    signed: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        chunk_size: int | None = None,
+        max_memory: int | str | None = None,
+        forward: Callable[[Tensor], Any] | None = None,
+        show_progress: bool | None = False,
+    ) -> None:
+        self.model = check_model(model)
+        if max_memory is not None:
+            parse_memory(max_memory)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        self.chunk_size, self.max_memory = chunk_size, max_memory
+        self.forward = forward
+        self.show_progress = show_progress
+
+    # ------------------------------------------------------------------------------ helpers
+    def _run(self, x: Tensor) -> Any:
+        return (self.forward or self.model)(x)
+
+    def _gradients(
+        self, rows: Tensor, target: Target, index: Tensor, n_examples: int, desc: str = "gradients"
+    ) -> tuple[Tensor, Tensor]:
+        return input_gradients(
+            self.model,
+            rows,
+            target,
+            index=index,
+            forward=self.forward,
+            chunk_size=self.chunk_size,
+            max_memory=self.max_memory,
+            n_examples=n_examples,
+            show_progress=self.show_progress,
+            desc=f"{self.name}: {desc}",
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The method's configuration, for result metadata."""
+        return {}
+
+    def _compute(self, inputs: Tensor, target: Target) -> tuple[Tensor, dict[str, Tensor]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------ the verb
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetLike,
+        *,
+        titles: list[str] | None = None,
+        feature_names: list[str] | None = None,
+    ) -> AttributionResult:
+        """Attribute the target's value to each input element.
+
+        Args:
+            inputs: ``(N, ...)`` floating-point inputs.
+            target: What to explain: int class, one int per example, ``"predicted"``, a
+                ``gs.targets`` object or a callable ``(output, batch) -> (n,)``.
+            titles: Optional per-example titles for plots.
+            feature_names: Optional names of the features (tabular inputs), for plots.
+
+        Returns:
+            An :class:`~gradsense.results.AttributionResult` with ``attributions`` shaped like ``inputs``.
+
+        Raises:
+            TypeError, ValueError: Bad inputs or target, before any work is done.
+        """
+        check_inputs(inputs)
+        n = inputs.shape[0]
+        model = self.model
+        warn_if_train_mode(model, self.name)
+        t0 = time.perf_counter()
+        with preserve_model(model):
+            resolved = as_target(target, n, predict=lambda: self._run(inputs.detach()))
+            with torch.no_grad():
+                resolved.validate(self._run(inputs[:1].detach()), n)
+            attributions, extra = self._compute(inputs.detach(), resolved)
+            with torch.no_grad():
+                scores = resolved(self._run(inputs.detach()), _batch_of(inputs))
+        if bool((attributions == 0).all()):
+            warnings.warn(
+                f"{self.name}: every attribution is exactly zero; the target may not depend on the inputs "
+                "(or the model saturates there).",
+                UserWarning,
+                stacklevel=2,
+            )
+        return AttributionResult.build(
+            {"attributions": attributions.detach(), "inputs": inputs.detach(), "scores": scores, **extra},
+            method=self.name,
+            settings=self.settings(),
+            model=model_fingerprint(model),
+            seed=getattr(self, "seed", None),
+            wall_time_s=time.perf_counter() - t0,
+            target=resolved.describe(),
+            signed=self.signed,
+            titles=titles,
+            feature_names=feature_names,
+        )
+
+
+def _batch_of(inputs: Tensor) -> Any:
+    from gradsense.core.targets import Batch
+
+    return Batch(inputs=inputs, index=torch.arange(inputs.shape[0], device=inputs.device))
+
+
+def attribute(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    target: TargetLike,
+    method: str = "saliency",
+    titles: list[str] | None = None,
+    feature_names: list[str] | None = None,
+    **options: Any,
+) -> AttributionResult:
+    """Attribute a model's output to its inputs with the named method.
+
+    Args:
+        model: The module to explain.
+        inputs: ``(N, ...)`` floating-point inputs.
+        target: What to explain (see :mod:`gradsense.core.targets`).
+        method: A registered method name (``gradsense.attribution.METHODS``).
+        titles: Optional per-example titles for plots.
+        feature_names: Optional feature names for plots of tabular inputs.
+        **options: The method's settings (its class's ``__init__`` keywords).
+
+    Returns:
+        An :class:`~gradsense.results.AttributionResult`.
+
+    Raises:
+        ValueError: Unknown method or option (the message lists the valid ones), bad inputs/target.
+
+    Example:
+        >>> a = gs.attribute(model, x, target=y, method="saliency")  # doctest: +SKIP
+    """
+    cls = get_method(method)
+    accepted = {
+        p.name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for p in inspect.signature(vars(klass)["__init__"]).parameters.values()
+        if p.kind == p.KEYWORD_ONLY
+    }
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"method {method!r} does not take option(s) {unknown}; it takes {sorted(accepted)}.")
+    return cls(model, **options).attribute(inputs, target, titles=titles, feature_names=feature_names)

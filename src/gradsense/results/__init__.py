@@ -7,3 +7,7 @@ __all__ = ["Result", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "ve
 from gradsense.results.attribution import AttributionResult
 
 __all__ += ["AttributionResult"]
+
+from gradsense.results.run import RunFolder  # noqa: E402
+
+__all__ += ["RunFolder"]

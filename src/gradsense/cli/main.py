@@ -1,0 +1,41 @@
+"""The ``gradsense`` command. One sub-command per analysis, mapping one-to-one onto the Python API."""
+
+from __future__ import annotations
+
+import click
+
+from gradsense import __version__
+from gradsense.cli.attribute import attribute_cmd
+from gradsense.cli.demo import demo_cmd
+from gradsense.cli.doctor import doctor_cmd
+
+EPILOG = """\b
+Examples:
+  gradsense demo --out gradsense-demo          # HTML report on the bundled digits CNN
+  gradsense doctor --model zoo:digits-cnn      # what the model is and which analyses apply
+  gradsense doctor --model my_model.py:build --weights w.safetensors --batch-size 64
+  gradsense attribute --model zoo:digits-cnn --dataset digits --method saliency --n 8 --out runs/sal
+"""
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="gradsense")
+def cli() -> None:
+    """gradsense: what is your model sensitive to?
+
+    Reads the answer from gradients and curvature and writes numbers, files and an HTML report.
+    """
+
+
+cli.add_command(doctor_cmd)
+cli.add_command(demo_cmd)
+cli.add_command(attribute_cmd)
+
+
+def main() -> None:
+    """Entry point of the console script."""
+    cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Run folders: ``runs/NAME/{manifest.json, <result>/..., figures/*.png, report.html}``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from gradsense.results.base import Result, atomic_write_bytes, atomic_write_text, versions
+
+__all__ = ["RunFolder"]
+
+
+class RunFolder:
+    """A folder collecting the results, figures and report of one run, with a manifest.
+
+    Args:
+        path: The folder (created if missing).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.entries: list[dict[str, Any]] = []
+
+    def save_result(self, result: Result, name: str) -> Path:
+        """Save ``result`` under ``NAME/`` and list it in the manifest."""
+        out = result.save(self.path / name)
+        self.entries.append({"name": name, "type": type(result).__name__, "method": result.method, "path": name})
+        self._write_manifest()
+        return out
+
+    def save_figure(self, fig: Any, name: str, dpi: int = 110) -> Path:
+        """Save a matplotlib Figure as ``figures/NAME.png``."""
+        import io
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+        return atomic_write_bytes(self.path / "figures" / f"{name}.png", buf.getvalue())
+
+    def _write_manifest(self) -> None:
+        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), "results": self.entries}
+        atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=2))

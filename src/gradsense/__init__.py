@@ -26,5 +26,6 @@ __all__ = [
     "losses",
     "results",
     "targets",
+    "viz",
     "zoo",
 ]

@@ -4,7 +4,9 @@ Every method that expands a batch (path steps, noise samples, probe vectors, gri
 :func:`chunk_size_for` how many rows fit in the budget. The budget is ``max_memory=`` when the caller
 gives one (bytes, or a string such as ``"2GB"``), else :func:`default_budget`: a quarter of the free
 memory of the device (``MemAvailable`` on CPU, ``cudaMemGetInfo`` on CUDA), overridable with the
-environment variable ``GRADSENSE_MAX_MEMORY``.
+environment variable ``GRADSENSE_MAX_MEMORY``. On CPU the default is also capped at
+:data:`CPU_CHUNK_BYTES` (256 MiB): larger chunks do not fit the caches and run slower (captum's
+all-rows-at-once default is about 3x slower than chunks of 32 for that reason).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ T = TypeVar("T")
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
           "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4, "TIB": 1024**4}
 BUDGET_FRACTION = 0.25
+CPU_CHUNK_BYTES = 256 * 1024**2
 
 
 def parse_memory(value: int | float | str) -> int:
@@ -77,7 +80,10 @@ def default_budget(device: torch.device | str | None = None) -> int:
     env = os.environ.get("GRADSENSE_MAX_MEMORY")
     if env:
         return parse_memory(env)
-    return max(int(available_memory(device) * BUDGET_FRACTION), 64 * 1024**2)
+    budget = max(int(available_memory(device) * BUDGET_FRACTION), 64 * 1024**2)
+    if torch.device(device or "cpu").type == "cpu":
+        budget = min(budget, CPU_CHUNK_BYTES)
+    return budget
 
 
 def estimate_example_bytes(

@@ -47,6 +47,13 @@ def versions() -> dict[str, str]:
     return {"gradsense": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _umask_mode() -> int:
+    """File mode an ordinary ``open()`` would give (0o666 minus the umask); mkstemp uses 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
@@ -60,6 +67,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -202,6 +210,7 @@ class Result:
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={"type": type(self).__name__})
+            os.chmod(tmp, _umask_mode())
             os.replace(tmp, directory / TENSORS_FILE)
         finally:
             if os.path.exists(tmp):

@@ -1,0 +1,306 @@
+"""The single-file HTML report: sections of text, tables and figures in one self-contained page.
+
+The page needs nothing but itself: CSS is inline, figures are embedded as
+``data:image/png;base64`` URIs, there is no script and no external URL, and a Content Security
+Policy forbids loading anything else. Every user-supplied string is HTML-escaped (Jinja2
+autoescaping); text is plain text, never raw HTML.
+
+Example:
+    >>> from gradsense.viz import Report, bar_chart
+    >>> report = Report("Digits CNN")
+    >>> report.add_section("Importance", text="Top layers.", figures=[bar_chart(["a", "b"], [2.0, 1.0])])
+    >>> html = report.render()
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import functools
+import os
+import re
+import struct
+import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from matplotlib.figure import Figure
+
+from gradsense.results.base import atomic_write_text, versions
+from gradsense.viz.figures import PNG_SIGNATURE, fig_to_png
+
+__all__ = ["Report", "slugify"]
+
+_MIN_LEVEL, _MAX_LEVEL = 2, 4
+_PARAGRAPH_SPLIT = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def slugify(text: str, *, default: str = "section") -> str:
+    """Turn text into a safe HTML id fragment: lowercase ASCII letters, digits and single hyphens.
+
+    Args:
+        text: Any string (e.g. a section title).
+        default: Returned when nothing usable is left.
+
+    Returns:
+        The slug, e.g. ``"Hessian spectrum (top-5)" -> "hessian-spectrum-top-5"``.
+    """
+    ascii_text = unicodedata.normalize("NFKD", str(text)).encode("ascii", "ignore").decode("ascii")
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:64].rstrip("-") or default
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    width, height = struct.unpack(">II", png[16:24])
+    return int(width), int(height)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+    data_uri: str
+    width: int
+    height: int
+    caption: str | None
+    alt: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Table:
+    header: list[str]
+    rows: list[list[tuple[str, bool]]]  # (text, is_numeric)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    title: str
+    anchor: str
+    level: int
+    paragraphs: list[str]
+    table: _Table | None
+    images: list[_Image]
+
+
+@functools.lru_cache(maxsize=1)
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("gradsense.viz", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+
+
+def _paragraphs(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str (plain text); got {type(text).__name__}.")
+    return [p.strip() for p in _PARAGRAPH_SPLIT.split(text.replace("\r\n", "\n")) if p.strip()]
+
+
+def _table(table: tuple[Sequence[Any], Sequence[Sequence[Any]]] | None) -> _Table | None:
+    if table is None:
+        return None
+    try:
+        header, rows = table
+    except (TypeError, ValueError) as exc:
+        raise TypeError("table must be a pair (header: list[str], rows: list[list[Any]]).") from exc
+    head = [str(h) for h in header]
+    out: list[list[tuple[str, bool]]] = []
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Iterable):
+            raise TypeError(f"table row {i} must be a list of cells; got {type(row).__name__}.")
+        cells = list(row)
+        if head and len(cells) != len(head):
+            raise ValueError(f"table row {i} has {len(cells)} cells but the header has {len(head)} columns.")
+        out.append([(str(c), isinstance(c, (int, float)) and not isinstance(c, bool)) for c in cells])
+    return _Table(head, out)
+
+
+def _is_figure_like(obj: Any) -> bool:
+    return isinstance(obj, (Figure, bytes, bytearray, memoryview))
+
+
+class Report:
+    """A self-contained HTML report built section by section.
+
+    Figures are rendered to PNG when they are added (so later changes to a figure do not show)
+    and then closed, so adding many figures does not leak memory.
+
+    Args:
+        title: The report's title (plain text).
+        dpi: Resolution at which figures are rendered.
+
+    Example:
+        >>> report = Report("Run 42")
+        >>> report.add_section("Notes", text="First paragraph.\\n\\nSecond paragraph.")
+        >>> "Second paragraph." in report.render()
+        True
+    """
+
+    def __init__(self, title: str, *, dpi: float = 100) -> None:
+        if not dpi > 0:
+            raise ValueError(f"dpi must be positive; got {dpi!r}.")
+        self.title = str(title)
+        self.dpi = dpi
+        self._sections: list[_Section] = []
+        self._anchors: set[str] = set()
+        self._n_images = 0
+
+    # ----------------------------------------------------------------------------- building
+    def _anchor(self, title: str) -> str:
+        base = "sec-" + slugify(title)
+        anchor, k = base, 2
+        while anchor in self._anchors:
+            anchor, k = f"{base}-{k}", k + 1
+        self._anchors.add(anchor)
+        return anchor
+
+    def _image(self, fig: Any, caption: str | None) -> _Image:
+        if isinstance(fig, Figure):
+            png = fig_to_png(fig, dpi=self.dpi, close=True)
+        elif isinstance(fig, (bytes, bytearray, memoryview)):
+            png = bytes(fig)
+            if not png.startswith(PNG_SIGNATURE) or len(png) < 24:
+                raise ValueError("figure bytes are not a PNG image (missing PNG signature).")
+        else:
+            raise TypeError(
+                "figures must be matplotlib Figures, PNG bytes or (caption, figure) pairs; "
+                f"got {type(fig).__name__}."
+            )
+        self._n_images += 1
+        width, height = _png_size(png)
+        return _Image(
+            data_uri="data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+            width=width,
+            height=height,
+            caption=caption,
+            alt=caption or f"Figure {self._n_images}",
+        )
+
+    def add_section(
+        self,
+        title: str,
+        *,
+        text: str | None = None,
+        table: tuple[Sequence[Any], Sequence[Sequence[Any]]] | None = None,
+        figures: Any = (),
+        level: int = 2,
+    ) -> None:
+        """Append a section.
+
+        Args:
+            title: Section heading (plain text); also listed in the table of contents.
+            text: Plain text; blank lines separate paragraphs, single newlines are kept. It is
+                escaped, never interpreted as HTML.
+            table: ``(header, rows)``: column names and rows of cells; every cell is shown as
+                ``str(cell)``. Rows must have as many cells as the header (if it is non-empty).
+            figures: A sequence of matplotlib Figures, PNG bytes, or ``(caption, figure)`` pairs
+                (a single figure or pair is accepted too). Figures are rendered and closed now.
+            level: Heading level, 2 (top) to 4 (nested).
+
+        Raises:
+            ValueError: If ``level`` is out of range, a table row has the wrong length, or bytes
+                are not a PNG.
+            TypeError: If ``text``, ``table`` or a figure has the wrong type.
+        """
+        if not isinstance(level, int) or not _MIN_LEVEL <= level <= _MAX_LEVEL:
+            raise ValueError(f"level must be an int from {_MIN_LEVEL} to {_MAX_LEVEL}; got {level!r}.")
+        paragraphs = _paragraphs(text)
+        tab = _table(table)
+        if _is_figure_like(figures) or (
+            isinstance(figures, tuple)
+            and len(figures) == 2
+            and isinstance(figures[0], str)
+            and _is_figure_like(figures[1])
+        ):
+            figures = [figures]
+        images: list[_Image] = []
+        for item in figures:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                images.append(self._image(item[1], item[0]))
+            else:
+                images.append(self._image(item, None))
+        title = str(title)
+        self._sections.append(_Section(title, self._anchor(title), level, paragraphs, tab, images))
+
+    def add_result(
+        self,
+        result: Any,
+        title: str | None = None,
+        text: str | None = None,
+        *,
+        level: int = 2,
+        plot_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Append a section for a :class:`gradsense.results.Result`.
+
+        The section shows ``result.summary()`` as a key/value table and ``result.plot()`` as its
+        figure (no figure when ``plot`` raises ``NotImplementedError`` or returns ``None``).
+
+        Args:
+            result: A gradsense Result (anything with ``title``, ``summary()`` and ``plot()``).
+            title: Section heading; defaults to ``result.title``.
+            text: Optional plain-text description shown above the table.
+            level: Heading level, 2 to 4.
+            plot_kwargs: Keyword arguments passed to ``result.plot()``.
+
+        Raises:
+            ValueError, TypeError: As :meth:`add_section`. Errors raised by ``result.plot()``
+                other than ``NotImplementedError`` propagate.
+        """
+        rows = [[str(k), str(v)] for k, v in result.summary()]
+        try:
+            fig = result.plot(**dict(plot_kwargs or {}))
+        except NotImplementedError:
+            fig = None
+        self.add_section(
+            result.title if title is None else title,
+            text=text,
+            table=(["key", "value"], rows) if rows else None,
+            figures=() if fig is None else [fig],
+            level=level,
+        )
+
+    # ----------------------------------------------------------------------------- output
+    def render(self) -> str:
+        """Render the report as one self-contained HTML document.
+
+        Returns:
+            The HTML text (UTF-8, no external resources).
+        """
+        now = _dt.datetime.now(_dt.timezone.utc).astimezone()
+        return (
+            _environment()
+            .get_template("report.html.j2")
+            .render(
+                title=self.title,
+                sections=self._sections,
+                generated=now.strftime("%Y-%m-%d %H:%M:%S %Z").strip(),
+                generated_iso=now.isoformat(timespec="seconds"),
+                versions=versions(),
+            )
+        )
+
+    def write(self, path: str | os.PathLike[str]) -> Path:
+        """Render and write the report atomically (temp file + rename); parent folders are created.
+
+        Args:
+            path: Destination file, e.g. ``runs/ig/report.html``.
+
+        Returns:
+            The path written, as a ``Path``.
+        """
+        return atomic_write_text(path, self.render())
+
+    def __len__(self) -> int:
+        return len(self._sections)
+
+    def __repr__(self) -> str:
+        return f"Report(title={self.title!r}, sections={len(self._sections)})"

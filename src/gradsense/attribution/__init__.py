@@ -2,5 +2,22 @@
 
 from gradsense.attribution.base import METHODS, Attribution, attribute, get_method, register
 from gradsense.attribution.gradients import InputXGradient, Saliency
+from gradsense.attribution.noise import SmoothGrad, SmoothGradSquared, VarGrad
+from gradsense.attribution.path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
 
-__all__ = ["METHODS", "Attribution", "InputXGradient", "Saliency", "attribute", "get_method", "register"]
+__all__ = [
+    "METHODS",
+    "Attribution",
+    "ExpectedGradients",
+    "InputXGradient",
+    "IntegratedGradients",
+    "Saliency",
+    "SmoothGrad",
+    "SmoothGradSquared",
+    "VarGrad",
+    "attribute",
+    "get_method",
+    "make_baseline",
+    "quadrature",
+    "register",
+]

@@ -112,7 +112,15 @@ class Attribution:
         """The method's configuration, for result metadata."""
         return {}
 
-    def _compute(self, inputs: Tensor, target: Target) -> tuple[Tensor, dict[str, Tensor]]:
+    def _compute(
+        self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Attribute each row of ``inputs``; row ``i`` belongs to example ``index[i]``.
+
+        Rows may be an expanded batch (noise samples of SmoothGrad); methods must treat rows
+        independently and use ``index`` for anything per-example (targets, baselines).
+        Returns ``(attributions like inputs, extra per-row tensors)``.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------ the verb
@@ -148,7 +156,9 @@ class Attribution:
             resolved = as_target(target, n, predict=lambda: self._run(inputs.detach()))
             with torch.no_grad():
                 resolved.validate(self._run(inputs[:1].detach()), n)
-            attributions, extra = self._compute(inputs.detach(), resolved)
+            attributions, extra = self._compute(
+                inputs.detach(), resolved, torch.arange(n, device=inputs.device), n
+            )
             with torch.no_grad():
                 scores = resolved(self._run(inputs.detach()), _batch_of(inputs))
         if bool((attributions == 0).all()):

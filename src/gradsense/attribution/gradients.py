@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, register
@@ -43,9 +42,10 @@ class Saliency(Attribution):
     def settings(self) -> dict[str, Any]:
         return {"abs": self.abs}
 
-    def _compute(self, inputs: Tensor, target: Target) -> tuple[Tensor, dict[str, Tensor]]:
-        n = inputs.shape[0]
-        g, _ = self._gradients(inputs, target, torch.arange(n, device=inputs.device), n)
+    def _compute(
+        self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        g, _ = self._gradients(inputs, target, index, n_examples)
         return (g.abs() if self.abs else g), {}
 
 
@@ -61,7 +61,8 @@ class InputXGradient(Attribution):
         True
     """
 
-    def _compute(self, inputs: Tensor, target: Target) -> tuple[Tensor, dict[str, Tensor]]:
-        n = inputs.shape[0]
-        g, _ = self._gradients(inputs, target, torch.arange(n, device=inputs.device), n)
+    def _compute(
+        self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        g, _ = self._gradients(inputs, target, index, n_examples)
         return inputs * g, {}

@@ -21,6 +21,7 @@ __all__ = [
     "Result",
     "__version__",
     "attribute",
+    "attribute_tokens",
     "attribution",
     "core",
     "losses",

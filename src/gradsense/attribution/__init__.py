@@ -4,6 +4,12 @@ from gradsense.attribution.base import METHODS, Attribution, attribute, get_meth
 from gradsense.attribution.gradients import InputXGradient, Saliency
 from gradsense.attribution.noise import SmoothGrad, SmoothGradSquared, VarGrad
 from gradsense.attribution.path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
+from gradsense.attribution.tokens import (
+    TokenAttribution,
+    TokenAttributionResult,
+    attribute_tokens,
+    similarity_target,
+)
 
 __all__ = [
     "METHODS",
@@ -14,10 +20,14 @@ __all__ = [
     "Saliency",
     "SmoothGrad",
     "SmoothGradSquared",
+    "TokenAttribution",
+    "TokenAttributionResult",
     "VarGrad",
     "attribute",
+    "attribute_tokens",
     "get_method",
     "make_baseline",
     "quadrature",
     "register",
+    "similarity_target",
 ]

@@ -52,6 +52,7 @@ def input_gradients(
     index: Tensor | None = None,
     labels: Tensor | None = None,
     forward: Callable[[Tensor], Any] | None = None,
+    row_forward: Callable[[Tensor, Tensor], Any] | None = None,
     chunk_size: int | None = None,
     max_memory: int | str | None = None,
     n_examples: int | None = None,
@@ -67,6 +68,8 @@ def input_gradients(
         index: ``(n,)`` example index of each row (default ``arange(n)``).
         labels: Optional labels of the rows, passed to the target in ``batch.labels``.
         forward: How to run the model on a chunk of rows (default ``model(rows)``).
+        row_forward: Like ``forward`` but also given the rows' example indices, ``fn(rows, index)``:
+            for models with further per-example inputs (attention masks, token ids).
         chunk_size: Rows per chunk; default from the memory budget.
         max_memory: Memory budget (bytes or e.g. ``"2GB"``); default a quarter of free memory.
         n_examples: Number of original examples, for the target's range checks (default ``n``).
@@ -86,9 +89,13 @@ def input_gradients(
     index = torch.arange(n, device=inputs.device) if index is None else index
     if index.shape != (n,):
         raise ValueError(f"index must have shape ({n},), got {tuple(index.shape)}.")
-    run = forward or model
+    if row_forward is not None:
+        run = lambda rows, idx: row_forward(rows, idx)  # noqa: E731
+    else:
+        plain = forward or model
+        run = lambda rows, idx: plain(rows)  # noqa: E731
     if chunk_size is None:
-        per_row = estimate_example_bytes(model, inputs[:1].detach(), forward=run)
+        per_row = estimate_example_bytes(model, inputs[:1].detach(), forward=lambda r: run(r, index[:1]))
         chunk_size = chunk_size_for(per_row, max_memory=max_memory, total=n, device=inputs.device)
     else:
         chunk_size = chunk_size_for(1, chunk_size=chunk_size, total=n)
@@ -99,7 +106,7 @@ def input_gradients(
     for sl in progress(parts, total=len(parts), desc=desc, enabled=show_progress):
         x = inputs[sl].detach().requires_grad_(True)
         with torch.enable_grad():
-            out = run(x)
+            out = run(x, index[sl])
             if not validated:
                 target.validate(out, n_examples if n_examples is not None else n)
                 validated = True

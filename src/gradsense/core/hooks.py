@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["Capture", "capture", "resolve_layers"]
+__all__ = ["Capture", "capture", "replace_output", "resolve_layers"]
 
 
 @dataclass
@@ -120,3 +120,17 @@ def capture(
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def replace_output(module: nn.Module, fn: Any) -> Iterator[None]:
+    """Inside the block, ``module``'s output is replaced by ``fn(output)`` (a forward hook).
+
+    Used to feed chosen embeddings into a model at its embedding layer. The hook is removed on exit,
+    also when the block raises.
+    """
+    handle = module.register_forward_hook(lambda _m, _i, out: fn(out))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -12,8 +12,8 @@ Example:
 
 __version__ = "0.1.0"
 
-from gradsense import attribution, core, losses, results, targets, zoo
-from gradsense.attribution import attribute
+from gradsense import attribution, core, losses, results, targets, viz, zoo
+from gradsense.attribution import attribute, attribute_tokens
 from gradsense.results import AttributionResult, Result
 
 __all__ = [

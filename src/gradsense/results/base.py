@@ -178,6 +178,8 @@ class Result:
         """Key/value rows describing the result (shown in the report and notebooks)."""
         rows: list[tuple[str, str]] = [("method", self.method)]
         for key, value in (self.meta.get("settings") or {}).items():
+            if value is None:
+                continue
             rows.append((str(key), json.dumps(value) if not isinstance(value, str) else value))
         model = self.meta.get("model") or {}
         if "name" in model:

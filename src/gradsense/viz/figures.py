@@ -33,6 +33,7 @@ __all__ = [
     "close_figure",
     "fig_to_png",
     "line_chart",
+    "method_grid",
     "token_heatmap",
 ]
 
@@ -551,4 +552,63 @@ def line_chart(
         ax.set_title(_literal(title))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def method_grid(
+    inputs: ArrayLike,
+    maps: Mapping[str, ArrayLike],
+    *,
+    titles: Sequence[str] | None = None,
+    signed: Mapping[str, bool] | None = None,
+    max_items: int = 8,
+) -> Figure:
+    """Examples (rows) x methods (columns): each input, then each method's map on it.
+
+    Each map is reduced over channels (``(N, C, H, W)`` summed, ``(N, H, W)`` as is) and scaled per
+    cell: ``(-m, m)`` with a diverging colormap for signed maps, ``(0, m)`` otherwise.
+
+    Args:
+        inputs: ``(N, C, H, W)`` images.
+        maps: ``{method name: (N, ...) map}``, in column order.
+        titles: Row titles (e.g. labels).
+        signed: ``{method name: signed?}`` (default True).
+        max_items: Rows shown at most.
+
+    Returns:
+        The Figure.
+
+    Raises:
+        ValueError: No maps, or a map whose batch size differs from the inputs'.
+    """
+    x = _to_numpy(inputs, "inputs")
+    if not maps:
+        raise ValueError("method_grid needs at least one map.")
+    n = min(x.shape[0], max_items)
+    names = list(maps)
+    arrays = {k: _to_numpy(v, k) for k, v in maps.items()}
+    for k, a in arrays.items():
+        if a.shape[0] != x.shape[0]:
+            raise ValueError(f"map {k!r} has {a.shape[0]} rows for {x.shape[0]} inputs.")
+    row_titles = _check_titles(titles, x.shape[0])
+    fig = Figure(figsize=(1.35 * (len(names) + 1), 1.35 * n + 0.4), layout="constrained")
+    axes = fig.subplots(n, len(names) + 1, squeeze=False)
+    for i in range(n):
+        img, img_cmap = _display_image(x[i])
+        axes[i, 0].imshow(img, cmap=img_cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
+        axes[i, 0].set_ylabel(_literal(row_titles[i]), fontsize=8)
+        for j, name in enumerate(names):
+            a = arrays[name][i]
+            heat = a.sum(axis=0) if a.ndim == 3 else a
+            sgn = True if signed is None else bool(signed.get(name, True))
+            m = _max_abs(heat)
+            axes[i, j + 1].imshow(heat, cmap="bwr" if sgn else "inferno", vmin=-m if sgn else 0.0, vmax=m,
+                                  interpolation="nearest" if heat.shape == img.shape[:2] else "bilinear")
+            if i == 0:
+                axes[i, j + 1].set_title(_literal(name), fontsize=8)
+        if i == 0:
+            axes[i, 0].set_title("input", fontsize=8)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
     return fig

@@ -99,7 +99,7 @@ def test_captum_trapezoid_is_scaled_by_n_minus_1_over_n():
     ours = gs.attribute(net, x, target=2, method="ig", steps=20, rule="riemann_trapezoid")
     theirs = captum.IntegratedGradients(net).attribute(x, target=2, n_steps=20, method="riemann_trapezoid")
     torch.testing.assert_close(ours.attributions * 19 / 20, theirs, rtol=1e-5, atol=1e-6)
-    a, w = quadrature("riemann_trapezoid", 20)
+    _, w = quadrature("riemann_trapezoid", 20)
     assert abs(w.sum() - 1.0) < 1e-12
 
 

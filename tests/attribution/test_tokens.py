@@ -89,7 +89,7 @@ def test_chunked_equals_unchunked(tiny_bert, batch):
 
 
 def test_model_untouched_and_no_hooks(tiny_bert, batch):
-    from tests.helpers import assert_model_unchanged
+    from helpers import assert_model_unchanged
 
     with assert_model_unchanged(tiny_bert):
         TokenAttribution(tiny_bert, steps=4, baseline="zeros").attribute(batch, target=1)

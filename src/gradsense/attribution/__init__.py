@@ -1,6 +1,15 @@
 """Input attribution: which pixels, tokens or features drive a prediction."""
 
 from gradsense.attribution.base import METHODS, Attribution, attribute, get_method, register
+from gradsense.attribution.cam import (
+    CFCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    NormGrad,
+    SmoothGradCAMPlusPlus,
+    find_cam_layer,
+)
+from gradsense.attribution.fullgrad import FullGrad
 from gradsense.attribution.gradients import InputXGradient, Saliency
 from gradsense.attribution.noise import SmoothGrad, SmoothGradSquared, VarGrad
 from gradsense.attribution.path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
@@ -12,19 +21,26 @@ from gradsense.attribution.tokens import (
 )
 
 __all__ = [
+    "CFCAM",
     "METHODS",
     "Attribution",
     "ExpectedGradients",
+    "FullGrad",
+    "GradCAM",
+    "GradCAMPlusPlus",
     "InputXGradient",
     "IntegratedGradients",
+    "NormGrad",
     "Saliency",
     "SmoothGrad",
+    "SmoothGradCAMPlusPlus",
     "SmoothGradSquared",
     "TokenAttribution",
     "TokenAttributionResult",
     "VarGrad",
     "attribute",
     "attribute_tokens",
+    "find_cam_layer",
     "get_method",
     "make_baseline",
     "quadrature",

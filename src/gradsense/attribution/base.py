@@ -19,14 +19,14 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from gradsense.core.batching import parse_memory
+from gradsense.core.batching import chunks, parse_memory
 from gradsense.core.checks import check_inputs
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients, warn_if_train_mode
-from gradsense.core.targets import Target, TargetLike, as_target
+from gradsense.core.targets import Target, TargetLike, _output_tensor, as_target
 from gradsense.results.attribution import AttributionResult
 
-__all__ = ["METHODS", "Attribution", "attribute", "get_method", "register"]
+__all__ = ["METHODS", "Attribution", "attribute", "get_method", "method_names", "register"]
 
 METHODS: dict[str, type[Attribution]] = {}
 
@@ -43,15 +43,22 @@ def register(*names: str) -> Callable[[type[Attribution]], type[Attribution]]:
     return deco
 
 
+def method_names() -> list[str]:
+    """The canonical name of every registered method (aliases left out)."""
+    return sorted({cls.name for cls in METHODS.values()})
+
+
 def get_method(name: str) -> type[Attribution]:
     """The class registered as ``name``.
 
     Raises:
         ValueError: Unknown name (the message lists the known ones).
     """
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a name (str), got {type(name).__name__}; available: {method_names()}.")
     key = name.lower().replace("-", "_").replace(" ", "_")
     if key not in METHODS:
-        raise ValueError(f"unknown attribution method {name!r}; available: {sorted(METHODS)}.")
+        raise ValueError(f"unknown attribution method {name!r}; available: {method_names()}.")
     return METHODS[key]
 
 
@@ -92,6 +99,12 @@ class Attribution:
     def _run(self, x: Tensor) -> Any:
         return (self.forward or self.model)(x)
 
+    def _outputs(self, x: Tensor) -> Tensor:
+        """Model outputs on ``x`` without gradients, in chunks of ``chunk_size`` rows (default 256)."""
+        size = self.chunk_size or 256
+        with torch.no_grad():
+            return torch.cat([_output_tensor(self._run(x[sl])) for sl in chunks(x.shape[0], size)])
+
     def _gradients(
         self, rows: Tensor, target: Target, index: Tensor, n_examples: int, desc: str = "gradients"
     ) -> tuple[Tensor, Tensor]:
@@ -111,6 +124,9 @@ class Attribution:
     def settings(self) -> dict[str, Any]:
         """The method's configuration, for result metadata."""
         return {}
+
+    def _check(self, inputs: Tensor) -> None:
+        """Method-specific argument checks, run before any forward pass (override to add some)."""
 
     def _compute(
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
@@ -148,19 +164,26 @@ class Attribution:
             TypeError, ValueError: Bad inputs or target, before any work is done.
         """
         check_inputs(inputs)
+        self._check(inputs)
         n = inputs.shape[0]
         model = self.model
         warn_if_train_mode(model, self.name)
         t0 = time.perf_counter()
         with preserve_model(model):
-            resolved = as_target(target, n, predict=lambda: self._run(inputs.detach()))
+            cache: dict[str, Tensor] = {}
+
+            def outputs() -> Tensor:  # one chunked forward, run only once the target's form is valid
+                if "out" not in cache:
+                    cache["out"] = self._outputs(inputs.detach())
+                return cache["out"]
+
+            resolved = as_target(target, n, predict=outputs)
+            resolved.validate(outputs(), n)
             with torch.no_grad():
-                resolved.validate(self._run(inputs[:1].detach()), n)
+                scores = resolved(outputs(), _batch_of(inputs))
             attributions, extra = self._compute(
                 inputs.detach(), resolved, torch.arange(n, device=inputs.device), n
             )
-            with torch.no_grad():
-                scores = resolved(self._run(inputs.detach()), _batch_of(inputs))
         if bool((attributions == 0).all()):
             warnings.warn(
                 f"{self.name}: every attribution is exactly zero; the target may not depend on the inputs "

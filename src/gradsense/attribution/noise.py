@@ -110,7 +110,7 @@ class SmoothGrad(Attribution):
         noise = noise * sigma.reshape((1, n) + (1,) * (inputs.ndim - 1))
         rows = (inputs.unsqueeze(0) + noise).reshape(s * n, *inputs.shape[1:])
         maps, _ = self.inner._compute(rows, target, index.repeat(s), n_examples)
-        maps = maps.reshape(s, n, *inputs.shape[1:])
+        maps = maps.reshape(s, n, *maps.shape[1:])
         if self.kind == "smoothgrad":
             out = maps.mean(0)
         elif self.kind == "smoothgrad_sq":

@@ -207,14 +207,9 @@ class IntegratedGradients(_PathMethod):
             "multiply_by_inputs": self.multiply_by_inputs,
         }
 
-    def _check_baseline(self, inputs: Tensor) -> None:
+    def _check(self, inputs: Tensor) -> None:
         if isinstance(self.baseline, Tensor):
-            make_baseline(self.baseline, inputs[:1] if self.baseline.shape[0] == 1 else inputs)
-
-    def attribute(self, inputs: Tensor, target: Any, **kwargs: Any) -> Any:
-        if isinstance(self.baseline, Tensor) and isinstance(inputs, Tensor):
-            self._check_baseline(inputs)
-        return super().attribute(inputs, target, **kwargs)
+            make_baseline(self.baseline, inputs)
 
     def _baselines(self, inputs: Tensor, index: Tensor) -> Tensor:
         b = self.baseline

@@ -11,6 +11,7 @@ all-rows-at-once default is about 3x slower than chunks of 32 for that reason).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -46,6 +47,8 @@ def parse_memory(value: int | float | str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"max_memory must be bytes or a size string like '2GB', got {value!r}.")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"max_memory must be a finite size, got {value!r}.")
         n = int(value)
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", value)
@@ -100,13 +103,14 @@ def estimate_example_bytes(
 
     Args:
         model: The module.
-        example: One input with a batch dimension of 1.
+        example: One or a few inputs with a batch dimension (the estimate is per row).
         forward: How to run the model on the example (default ``model(example)``).
         factor: Safety multiplier.
 
     Returns:
         Estimated bytes per example.
     """
+    rows = max(1, int(example.shape[0])) if example.ndim else 1
     total = [example.numel() * example.element_size()]
 
     def hook(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -122,7 +126,7 @@ def estimate_example_bytes(
     finally:
         for h in handles:
             h.remove()
-    return max(int(total[0] * factor), 1)
+    return max(int(total[0] * factor / rows), 1)
 
 
 def chunk_size_for(

@@ -93,6 +93,8 @@ def iterate(data: DataLike, *, batch_size: int = 256) -> Iterator[tuple[Tensor, 
         ValueError: If ``data`` is empty.
         TypeError: If ``data`` has an unsupported type.
     """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
     n = num_examples(data)
     if n == 0:
         raise ValueError("data is empty: need at least one example.")

@@ -309,7 +309,10 @@ class ModelState:
 
 @contextmanager
 def preserve_model(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.Module]:
-    """Use ``model`` inside the block and leave its flags and hooks exactly as they were.
+    """Use ``model`` inside the block and leave its flags, hooks and buffers exactly as they were.
+
+    Buffers are copied back only for a model in train mode (where forwards update BatchNorm
+    statistics); an eval-mode forward does not change them.
 
     Args:
         model: The caller's module.
@@ -319,12 +322,19 @@ def preserve_model(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.
         The same module.
     """
     state = ModelState.capture(model)
+    # in train mode, forwards update BatchNorm running statistics: keep a copy to put back
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if model.training else None
     try:
         if eval_mode:
             model.eval()
         yield model
     finally:
         state.restore()
+        if saved is not None:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in saved and b.shape == saved[n].shape:
+                        b.copy_(saved[n])
 
 
 def iter_modules_of_type(model: nn.Module, types: type | tuple[type, ...]) -> Iterable[tuple[str, nn.Module]]:

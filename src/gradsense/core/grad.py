@@ -22,7 +22,7 @@ from torch.func import grad, vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
 from gradsense.core.checks import check_inputs
-from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
+from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
 from gradsense.core.functional import ParamSpec, check_model, functional
 from gradsense.core.targets import Batch, Target
 
@@ -95,7 +95,7 @@ def input_gradients(
         plain = forward or model
         run = lambda rows, idx: plain(rows)  # noqa: E731
     if chunk_size is None:
-        per_row = estimate_example_bytes(model, inputs[:1].detach(), forward=lambda r: run(r, index[:1]))
+        per_row = estimate_example_bytes(model, inputs[:2].detach(), forward=lambda r: run(r, index[:2]))
         chunk_size = chunk_size_for(per_row, max_memory=max_memory, total=n, device=inputs.device)
     else:
         chunk_size = chunk_size_for(1, chunk_size=chunk_size, total=n)
@@ -198,8 +198,9 @@ def loss_gradient(
 ) -> dict[str, Tensor]:
     """Gradient of the dataset-average loss w.r.t. the selected parameters.
 
-    Each batch's mean loss gradient is weighted by its size, so the result equals the gradient of
-    the mean loss over all examples whatever the batching (for a ``loss_fn`` that averages).
+    Each batch's mean loss gradient is weighted by its size and the sum divided by the number of
+    examples actually seen (a DataLoader may drop or subsample), so the result equals the gradient
+    of the mean loss over those examples whatever the batching (for a ``loss_fn`` that averages).
 
     Args:
         model: The module (never modified, ``.grad`` untouched).
@@ -212,9 +213,14 @@ def loss_gradient(
         ``{name: gradient}``.
     """
     check_model(model)
+    if model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules()):
+        raise ValueError(
+            "loss_gradient: the model is in train mode and has BatchNorm/Dropout, whose output depends on the "
+            "batch or on randomness. Call model.eval() first."
+        )
     fm = functional(model, params)
-    total = num_examples(data)
     acc = {k: torch.zeros_like(v) for k, v in fm.params.items()}
+    seen = torch.zeros((), dtype=torch.float64)
 
     def batch_loss(p: dict[str, Tensor], x: Tensor, y: Tensor | None) -> Tensor:
         return loss_fn(fm(p, x), y)
@@ -223,5 +229,7 @@ def loss_gradient(
     for x, y in iterate(data, batch_size=batch_size):
         g = g_fn(fm.params, x, y)
         for k in acc:
-            acc[k] += g[k].detach() * (x.shape[0] / total)
-    return {k: all_reduce_sum(v) for k, v in acc.items()}
+            acc[k] += g[k].detach() * x.shape[0]
+        seen += x.shape[0]
+    total = float(all_reduce_sum(seen))
+    return {k: all_reduce_sum(v) / total for k, v in acc.items()}

@@ -103,7 +103,9 @@ def capture(
             t = _first_tensor(output)
             if t is None:
                 return
-            cap.activations[name] = t if keep_graph else t.detach()
+            # keep_graph: the graph tensor itself, so callers can differentiate w.r.t. it; otherwise a
+            # copy, since an in-place op after the layer (ReLU(inplace=True)) would overwrite a view
+            cap.activations[name] = t if keep_graph else t.detach().clone()
             if gradients and t.requires_grad:
 
                 def store(g: Tensor) -> None:

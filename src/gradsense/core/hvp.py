@@ -13,6 +13,7 @@ The caller's model is used as a template through ``torch.func.functional_call`` 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -149,7 +150,10 @@ class CurvatureOperator:
                 "and on random masks. Call model.eval() first (or pass allow_train_mode=True)."
             )
         self.model, self.loss_fn, self.kind, self.method = model, loss_fn, kind, method
-        self.fm = functional(model, params)
+        fm = functional(model, params)
+        if model.training:  # train-mode BatchNorm would update the caller's running statistics
+            fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
+        self.fm = fm
         self.params: Params = self.fm.params
         self.numel = self.fm.numel
         self.total = num_examples(data)
@@ -181,9 +185,13 @@ class CurvatureOperator:
     def loss(self, params: Params | None = None) -> Tensor:
         """The dataset-average loss at ``params`` (default: the model's)."""
         p = self.params if params is None else params
+        value = torch.zeros((), dtype=self.dtype, device=self.device)
+        seen = torch.zeros((), dtype=torch.float64)
         with torch.no_grad():
-            value = sum(self.loss_fn(self.fm(p, x), y) * (x.shape[0] / self.total) for x, y in self.batches())
-        return all_reduce_sum(torch.as_tensor(value))
+            for x, y in self.batches():
+                value += self.loss_fn(self.fm(p, x), y).detach() * x.shape[0]
+                seen += x.shape[0]
+        return all_reduce_sum(value) / float(all_reduce_sum(seen))
 
     # --------------------------------------------------------------------------------- products
     def _batch_product(self, x: Tensor, y: Any, v: Params) -> Params:
@@ -192,7 +200,7 @@ class CurvatureOperator:
             return hvp(lambda p: loss_fn(fm(p, x), y), self.params, v, method=self.method)
         if self.kind == "ggn":
             out, jv = jvp(lambda p: fm(p, x), (self.params,), (v,))
-            hjv = jvp(grad(lambda z: loss_fn(z, y)), (out.detach(),), (jv,))[1]
+            hjv = hvp(lambda d: loss_fn(d["z"], y), {"z": out.detach()}, {"z": jv}, method=self.method)["z"]
             _, pullback = vjp(lambda p: fm(p, x), self.params)
             return pullback(hjv)[0]
         # empirical Fisher: (1/n) sum_i g_i (g_i . v) for this batch
@@ -206,13 +214,15 @@ class CurvatureOperator:
     def matvec_dict(self, v: Params) -> Params:
         """Operator applied to a direction given as a parameter dict."""
         acc = {k: torch.zeros_like(p) for k, p in self.params.items()}
+        seen = torch.zeros((), dtype=torch.float64)
         for x, y in self.batches():
             hv = self._batch_product(x, y, v)
-            w = x.shape[0] / self.total
             for k in acc:
-                acc[k] += hv[k].detach() * w
+                acc[k] += hv[k].detach() * x.shape[0]
+            seen += x.shape[0]
         self.n_matvec += 1
-        return {k: all_reduce_sum(t) for k, t in acc.items()}
+        total = float(all_reduce_sum(seen))
+        return {k: all_reduce_sum(t) / total for k, t in acc.items()}
 
     def matvec(self, v: Tensor) -> Tensor:
         """Operator applied to a flat vector of length :attr:`numel` (returns a flat vector)."""

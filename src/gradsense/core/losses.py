@@ -26,4 +26,7 @@ def cross_entropy(output: Any, labels: Tensor, reduction: str = "mean") -> Tenso
 def mse(output: Any, labels: Tensor, reduction: str = "mean") -> Tensor:
     """Mean squared error (labels cast to the output's dtype and shape)."""
     out = _logits(output)
-    return F.mse_loss(out, labels.to(out.dtype).reshape(out.shape), reduction=reduction)
+    target = labels.to(out.dtype).reshape(out.shape)
+    if reduction == "mean":  # sum / numel: F.mse_loss's mean breaks forward-over-reverse AD (pytorch#123996)
+        return F.mse_loss(out, target, reduction="sum") / out.numel()
+    return F.mse_loss(out, target, reduction=reduction)

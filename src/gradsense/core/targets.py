@@ -406,10 +406,12 @@ def as_target(
         raise TypeError("target must be an int class index, not a bool.")
     if isinstance(target, int):
         return ClassLogit(target)
+    if type(target).__module__ == "numpy" and hasattr(target, "dtype"):
+        target = torch.as_tensor(target)
     if isinstance(target, (Tensor, Sequence)) and not isinstance(target, str):
         t = torch.as_tensor(target)
         if t.ndim == 0:
-            return ClassLogit(int(t))
+            return ClassLogit(t)
         if t.ndim != 1 or t.shape[0] != n_examples:
             raise ValueError(
                 f"target: expected one class index per example ({n_examples}), got shape {tuple(t.shape)}."

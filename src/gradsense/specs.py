@@ -75,7 +75,16 @@ def load_model(spec: str, *, weights: str | Path | None = None) -> nn.Module:
             raise ValueError(f"{target} has no attribute {factory_name!r}; callables there: {public[:12]}.")
         if not callable(factory):
             raise ValueError(f"{target}:{factory_name} is not callable.")
-        model = factory() if not isinstance(factory, nn.Module) else factory
+        if isinstance(factory, nn.Module):
+            model = factory
+        else:
+            try:
+                model = factory()
+            except Exception as err:
+                raise ValueError(
+                    f"calling {target}:{factory_name}() failed ({type(err).__name__}: {err}); a factory must "
+                    "build the model with no arguments."
+                ) from err
         if not isinstance(model, nn.Module):
             raise ValueError(
                 f"{target}:{factory_name}() returned {type(model).__name__}, expected a torch.nn.Module."

@@ -23,7 +23,7 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-            Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True)
+            click.echo(f"error: {err}", err=True)
             sys.exit(2)
 
     return wrapper  # type: ignore[return-value]

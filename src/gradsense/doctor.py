@@ -113,6 +113,13 @@ def doctor(
 
     has_conv = any(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for m in model.modules())
     attn_maps = [n for n, m in model.named_modules() if n.endswith("attn_map")]
+    try:
+        from gradsense.attribution.legrad import find_vit_structure
+
+        vit = find_vit_structure(model)
+        legrad_ok, legrad_why = True, f"a ViT ({getattr(vit, 'kind', 'zoo-style')}) with attention maps"
+    except (ValueError, TypeError) as err:
+        legrad_ok, legrad_why = False, str(err).split(";")[0][:90]
     has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     has_embedding = any(isinstance(m, nn.Embedding) for m in model.modules())
     has_bn = any(isinstance(m, _BN) for m in model.modules())
@@ -125,13 +132,8 @@ def doctor(
                 "patch tokens of a ViT block" if attn_maps else "needs a conv layer or ViT patch tokens"
             ),
         ),
-        "LeGrad (ViT)": (
-            bool(attn_maps),
-            f"{len(attn_maps)} attention maps exposed" if attn_maps else (
-                "nn.MultiheadAttention does not expose its maps as a module output" if has_mha
-                else "no attention maps"
-            ),
-        ),
+        "LeGrad (ViT)": (legrad_ok, legrad_why if legrad_ok or not has_mha else
+                         "nn.MultiheadAttention does not expose its maps as a module output"),
         "token attribution": (has_embedding, "an nn.Embedding layer" if has_embedding else "no embedding layer"),
         "per-example gradients": (
             not (model.training and (has_bn or has_dropout)),

@@ -244,3 +244,20 @@ def test_model_fingerprint_tracks_weights_only(mlp):
     with torch.no_grad():
         mlp[0].bias[0] += 1.0
     assert model_fingerprint(mlp)["sha256"] != a["sha256"]
+
+
+def test_preserve_model_restores_plain_attributes_libraries_set_on_first_use():
+    """Regression: transformers marks a module `_output_capturing_hooks_installed = True` when it adds
+    capture hooks; removing the hooks but keeping the mark silently broke the caller's model."""
+    from gradsense.core.functional import ModelState, preserve_model
+
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    net.flag = False
+    before = ModelState.capture(net)
+    with preserve_model(net):
+        net[0]._hooks_installed = True
+        net.flag = True
+    assert not hasattr(net[0], "_hooks_installed") and net.flag is False
+    assert before.diff(ModelState.capture(net)) == []
+    net.flag = True
+    assert any("attributes of module <root>" in d for d in before.diff(ModelState.capture(net)))

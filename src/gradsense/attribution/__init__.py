@@ -11,6 +11,7 @@ from gradsense.attribution.cam import (
 )
 from gradsense.attribution.fullgrad import FullGrad
 from gradsense.attribution.gradients import InputXGradient, Saliency
+from gradsense.attribution.legrad import NON_VIT_METHODS, LeGrad, ViTStructure, find_vit_structure
 from gradsense.attribution.noise import SmoothGrad, SmoothGradSquared, VarGrad
 from gradsense.attribution.path import ExpectedGradients, IntegratedGradients, make_baseline, quadrature
 from gradsense.attribution.tokens import (
@@ -23,6 +24,7 @@ from gradsense.attribution.tokens import (
 __all__ = [
     "CFCAM",
     "METHODS",
+    "NON_VIT_METHODS",
     "Attribution",
     "ExpectedGradients",
     "FullGrad",
@@ -30,6 +32,7 @@ __all__ = [
     "GradCAMPlusPlus",
     "InputXGradient",
     "IntegratedGradients",
+    "LeGrad",
     "NormGrad",
     "Saliency",
     "SmoothGrad",
@@ -38,9 +41,11 @@ __all__ = [
     "TokenAttribution",
     "TokenAttributionResult",
     "VarGrad",
+    "ViTStructure",
     "attribute",
     "attribute_tokens",
     "find_cam_layer",
+    "find_vit_structure",
     "get_method",
     "make_baseline",
     "quadrature",

@@ -2,34 +2,35 @@
 
 LeGrad (Bousselham, Boggust, Chaybouti, Strobelt & Kuehne 2024, "LeGrad: An Explainability Method
 for Vision Transformers via Feature Formation Sensitivity", arXiv:2404.03214, ICCV 2025) reads the
-gradient of a class score with respect to the attention maps, layer by layer:
+gradient of a class score with respect to the attention maps, layer by layer (the paper's method
+section; step names here, symbols as in the paper):
 
-1. **Per-layer score** (the paper's "feature formation" at layer ``l``, Sec. 3.2): the token
-   ``z^l`` that the model pools after block ``l`` - the [CLS] token - goes through the model's own
-   final norm and classification head, ``y^l = head(norm(z^l))``, and the target picks the score
-   ``s^l`` from ``y^l`` (for the last block ``s^L`` is the model's own score).
-2. **Per-layer map** (Sec. 3.2): ``grad A^l = d s^l / d A^l`` for the softmaxed attention maps
-   ``A^l`` of block ``l`` (shape ``heads x T x T``); negative entries are dropped (ReLU) and the rest
-   averaged over heads and over query rows, ``E^l = mean_{h,i} ReLU(grad A^l)_{h,i,:}``, a vector
-   over the ``T`` key tokens.
-3. **Merged map** (Sec. 3.3): ``E = mean_l E^l`` over the chosen layers; the prefix ([CLS]) column
-   is dropped, the rest laid out on the patch grid, min-max normalised per example and (bilinear,
-   ``align_corners=False``) upsampled to the input's size.
+1. **Per-layer score** ("feature formation" at block ``l``): the block's output tokens ``Z^l`` are
+   pooled into one feature, mapped to class scores by the model's final norm and head,
+   ``y^l = head(norm(pool(Z^l)))``, and the target picks ``s^l`` from ``y^l``.
+2. **Per-layer map**: ``grad A^l = d s^l / d A^l`` for the softmaxed attention maps ``A^l`` of block
+   ``l`` (``heads x T x T``); negative entries are dropped (ReLU) and the rest averaged over heads
+   and over all query rows, ``E^l_j = mean_{h,i} ReLU(grad A^l)_{h,i,j}``, one value per key token.
+3. **Merged map**: ``E = mean_l E^l`` over the chosen layers; the [CLS] column is dropped, the rest
+   laid out on the patch grid, min-max normalised per example and upsampled (bilinear,
+   ``align_corners=False``) to the input's size.
 
-This follows the authors' reference code (github.com/WalBouss/LeGrad, ``legrad/wrapper.py``,
-``compute_legrad_clip``): ``clamp(grad, min=0).mean(heads).mean(queries)[:, 1:]`` per layer, summed
-over layers, min-max per map. Differences, all documented choices:
+Steps 2-3 are the authors' reference code (github.com/WalBouss/LeGrad, ``legrad/wrapper.py``,
+``compute_legrad_clip``): ``clamp(grad, min=0).mean(heads).mean(queries)[:, 1:]`` per layer,
+``F.interpolate(..., mode='bilinear')``, summed over layers, min-max per map. Documented choices:
 
-- The reference code's OpenCLIP wrapper pools every token (``feat.mean(0)``) before ``ln_post``;
-  here the default ``pool="cls"`` pools the way a CLS classifier does, so ``s^L`` is exactly the
-  explained score; ``pool="mean"`` gives the reference code's pooling. With CLS pooling only the
-  CLS query row of ``grad A^l`` is non-zero (the MLP and norms act per token), so averaging over
-  queries equals the CLS row divided by ``T``.
-- Layers are averaged, not summed, and upsampling comes after the layer average (it is linear, so
-  the min-max-normalised result is the same as the reference's upsample-then-sum).
-- A constant map (every gradient zero) is returned as zeros instead of the reference's 0/0 = NaN.
-- The reference OpenCLIP wrapper defaults to the last two layers (``layer_index=-2``); the paper
-  merges all layers, which is the default here (``layers=[-2, -1]`` gives the reference default).
+- **Pooling.** The paper and the reference code pool the mean of all ``n + 1`` tokens (CLS
+  included; ``ln_post(feat.mean(0)) @ proj``) at every layer. For a CLS classifier (the zoo TinyViT,
+  Hugging Face ``ViTForImageClassification``) the head was trained on the [CLS] token, so the default
+  here is ``pool="cls"``: then ``s^L`` is exactly the model's explained score (checked at run time).
+  ``pool="mean"`` gives the paper's pooling. With CLS pooling only the CLS query row of
+  ``grad A^l`` is non-zero (MLP and norms act per token), so the mean over query rows is that row
+  divided by ``T``; the normalised map is the same either way.
+- Layers are averaged, not summed, and upsampling follows the layer average; upsampling is linear
+  and min-max normalisation removes scale, so the result equals the reference's order.
+- A constant map (every gradient zero) becomes zeros instead of the reference's 0/0 = NaN.
+- ``layers="all"`` (the paper's aggregation) is the default; the reference OpenCLIP wrapper's
+  default ``layer_index=-2`` (the last two blocks) is ``layers=[-2, -1]``.
 
 Supported models (found from the structure alone, before any forward pass):
 
@@ -242,8 +243,9 @@ class LeGrad(Attribution):
             ``"all"`` (the paper's default).
         upsample: Upsample to the input's spatial size (False: ``attributions`` is the ``(N, gh, gw)``
             grid map, equal to ``raw``).
-        pool: Which token is scored after each block: ``"cls"`` (the [CLS] token, as the model's own
-            classifier) or ``"mean"`` (the mean over all tokens, as the reference OpenCLIP code).
+        pool: Which feature is scored after each block: ``"cls"`` (the [CLS] token, as the model's own
+            classifier reads it; the default) or ``"mean"`` (the mean over all tokens, CLS included:
+            the paper's and the reference code's pooling).
         **kwargs: See :class:`~gradsense.attribution.base.Attribution` (``chunk_size``, ``max_memory``,
             ``forward`` - the last not for Hugging Face models, which are called with extra flags).
 
@@ -310,6 +312,18 @@ class LeGrad(Attribution):
             "pool": self.pool,
             "architecture": self.structure.kind,
         }
+
+    def _check(self, inputs: Tensor) -> None:
+        """Images ``(N, C, H, W)`` whose sides are multiples of the patch size, before any forward."""
+        if inputs.ndim != 4:
+            raise ValueError(
+                f"{self.name}: expected images (N, C, H, W) for a vision transformer, got shape {tuple(inputs.shape)}."
+            )
+        patch = self.structure.patch_size
+        if patch is not None and (inputs.shape[-2] % patch[0] or inputs.shape[-1] % patch[1]):
+            raise ValueError(
+                f"{self.name}: image size {tuple(inputs.shape[-2:])} is not a multiple of the patch size {patch}."
+            )
 
     # ------------------------------------------------------------------------------ model adapters
     def _forward_layers(self, x: Tensor) -> tuple[Any, list[Tensor], list[Tensor]]:

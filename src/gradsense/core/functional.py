@@ -9,6 +9,7 @@ when an exception escapes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -237,6 +238,15 @@ def model_fingerprint(model: nn.Module, name: str | None = None) -> dict[str, An
     return fp
 
 
+_PLAIN = (bool, int, float, str, type(None))
+_MODULE_INTERNALS = frozenset({"training", "_parameters", "_buffers", "_modules"})
+_MISSING = object()
+
+
+def _plain_attrs(module: nn.Module) -> dict[str, Any]:
+    return {k: v for k, v in module.__dict__.items() if isinstance(v, _PLAIN) and k not in _MODULE_INTERNALS}
+
+
 @dataclass
 class ModelState:
     """A snapshot of everything gradsense promises not to change on a module.
@@ -251,6 +261,7 @@ class ModelState:
     training: dict[str, bool]
     hooks: dict[str, dict[str, tuple]]
     values: dict[str, Tensor] | None
+    attrs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def capture(cls, model: nn.Module, values: bool = False) -> ModelState:
@@ -266,10 +277,26 @@ class ModelState:
             values={k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
             if values
             else None,
+            attrs={n: _plain_attrs(m) for n, m in model.named_modules()},
         )
 
     def restore(self) -> None:
-        """Restore flags and remove hooks that were added after the snapshot."""
+        """Restore flags, plain attributes and hooks: remove what was added after the snapshot.
+
+        Plain attributes are a module's own ``bool/int/float/str/None`` entries (libraries such as
+        transformers set flags like "capture hooks installed" on first use): changed ones are put back,
+        added ones deleted.
+        """
+        for n, m in self.model.named_modules():
+            before = self.attrs.get(n)
+            if before is None:
+                continue
+            for key in [k for k in m.__dict__ if k not in before and k not in _MODULE_INTERNALS]:
+                if isinstance(m.__dict__[key], _PLAIN):
+                    del m.__dict__[key]
+            for key, value in before.items():
+                if m.__dict__.get(key, _MISSING) is not value and m.__dict__.get(key, _MISSING) != value:
+                    m.__dict__[key] = value
         for n, p in self.model.named_parameters():
             if n in self.requires_grad and p.requires_grad != self.requires_grad[n]:
                 p.requires_grad_(self.requires_grad[n])
@@ -302,6 +329,11 @@ class ModelState:
                 w = other.values.get(k)
                 if w is None or w.shape != v.shape or not torch.equal(v, w):
                     out.append(f"value of {k} changed")
+        for n, attrs in self.attrs.items():
+            later = other.attrs.get(n, {})
+            if attrs != later:
+                changed = sorted(set(attrs) ^ set(later) | {k for k in attrs if k in later and attrs[k] != later[k]})
+                out.append(f"attributes of module {n or '<root>'} changed: {changed}")
         if set(self.requires_grad) != set(other.requires_grad):
             out.append("the set of parameters changed")
         return out

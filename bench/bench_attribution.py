@@ -53,19 +53,27 @@ def run(title: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, re
           f"SmoothGrad default {b.ratio('SmoothGrad 50 (ours, default)', 'SmoothGrad 50 (captum NoiseTunnel default batch)'):.2f}x, "
           f"Grad-CAM {b.ratio('Grad-CAM + upsample (ours)', 'Grad-CAM + upsample (captum)'):.2f}x")
 
-    # adaptive IG vs captum's default 50-step Gauss-Legendre: model passes per example to 1% completeness
-    ours = gs.attribute(model, x, target=y, method="ig", steps="auto", rtol=0.01)
-    steps = ours.tensors["steps"].float()
-    passes = steps + 1  # nested trapezoid: k intervals cost k + 1 gradient evaluations, all reused
-    err_ours = completeness(model, x, y, ours.attributions, torch.zeros_like(x))
-    theirs = IntegratedGradients(model).attribute(x, target=y, n_steps=50)
-    err_theirs = completeness(model, x, y, theirs, torch.zeros_like(x))
-    print(f"adaptive IG (rtol 1%): passes/example mean {passes.mean():.1f} (min {int(passes.min())}, max "
-          f"{int(passes.max())}); steps chosen {sorted(steps.int().tolist())}; max rel. completeness error "
-          f"{err_ours.max():.4f}")
-    print(f"captum IG 50 steps: 50 passes/example; max rel. completeness error {err_theirs.max():.4f}; "
-          f"examples over 1%: {(err_theirs > 0.01).sum().item()}/{len(x)}")
-    print(f"pass ratio captum/ours: {50 / passes.mean():.2f}x")
+    # adaptive IG vs captum's default 50-step Gauss-Legendre: passes per example to 1% completeness,
+    # and what the maps are worth: L1 error against a 1024-step reference
+    ref = gs.attribute(model, x, target=y, method="ig", steps=1024, rule="riemann_middle").attributions
+
+    def l1(a: torch.Tensor) -> float:
+        return float(((a - ref).abs().reshape(len(x), -1).sum(1) / ref.abs().reshape(len(x), -1).sum(1)).mean())
+
+    for refine in ("uniform", "greedy"):
+        ours = gs.attribute(model, x, target=y, method="ig", steps="auto", rtol=0.01, refine=refine)
+        steps = ours.tensors["steps"].float()
+        passes = steps + 1  # k intervals cost k + 1 gradient evaluations, all reused
+        err = completeness(model, x, y, ours.attributions, torch.zeros_like(x))
+        print(f"adaptive IG (rtol 1%, refine={refine}): passes/example mean {passes.mean():.1f} (min "
+              f"{int(passes.min())}, max {int(passes.max())}), ratio 50/mean {50 / passes.mean():.2f}x; "
+              f"max rel. completeness error {err.max():.4f}; map L1 error {l1(ours.attributions):.3f}; "
+              f"steps chosen {sorted(steps.int().tolist())}")
+    for n_steps in (50, 100, 200, 400):
+        theirs = IntegratedGradients(model).attribute(x, target=y, n_steps=n_steps)
+        err = completeness(model, x, y, theirs, torch.zeros_like(x))
+        print(f"captum IG {n_steps} steps: max rel. completeness error {err.max():.4f}, examples over 1%: "
+              f"{(err > 0.01).sum().item()}/{len(x)}; map L1 error {l1(theirs):.3f}")
 
 
 def main() -> None:

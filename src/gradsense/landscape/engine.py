@@ -1,0 +1,355 @@
+"""The landscape engine: a model's loss at many points in weight space, grid points as a batch dimension.
+
+:class:`LossEvaluator` holds a model as a pure function (:func:`gradsense.core.functional.functional`)
+and a dataset (its batches, cached). :meth:`LossEvaluator.evaluate` computes the dataset-average loss
+(and accuracy, for class labels) at ``P`` points: a chunk of points is a stack of parameter sets, and
+``torch.func.vmap`` runs :func:`torch.func.functional_call` over that stack with the inputs shared
+(``in_dims=(0, None, None)``), so one pass evaluates the whole chunk. Chunk sizes come from the memory
+budget (``chunk_size``/``max_memory``). When vmap cannot run the model, the engine warns and evaluates
+the points one at a time with the same arithmetic. The caller's module is only a template: its
+parameters, buffers, flags and hooks are never changed.
+
+Parameters whose direction is zero everywhere (biases and BatchNorm parameters under filter
+normalisation) stay unbatched, so their layers run as in an ordinary forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
+from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
+from gradsense.core.functional import ParamSpec, check_model, functional
+
+__all__ = ["CPU_POINT_CHUNK_BYTES", "LossEvaluator", "PointLosses", "has_stochastic_layers"]
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Any, Any], Tensor]
+
+_STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
+
+#: On CPU, chunks of grid points are kept below this many bytes (activations of one data batch for every
+#: point of the chunk, plus the stacked parameters): measured on 2 cores, per-point cost grows once a
+#: chunk no longer fits the caches (bench/bench_landscape.py).
+CPU_POINT_CHUNK_BYTES = 48 * 1024**2
+
+
+def has_stochastic_layers(model: nn.Module) -> bool:
+    """True when ``model`` is in train mode and has BatchNorm or Dropout (results then depend on the batch)."""
+    return model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules())
+
+
+def _logits(output: Any) -> Any:
+    return output if isinstance(output, Tensor) else getattr(output, "logits", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PointLosses:
+    """Losses at a set of points, with how they were computed.
+
+    Attributes:
+        losses: ``(P,)`` float64 dataset-average loss at each point (CPU).
+        accuracy: ``(P,)`` float64 accuracy at each point, or ``None`` when the labels are not classes.
+        vectorized: Whether the points ran through vmap (``False``: one at a time).
+        chunk_size: Points per chunk.
+        n_forward: Model calls made (a vmapped chunk over one data batch is one call).
+    """
+
+    losses: Tensor
+    accuracy: Tensor | None
+    vectorized: bool
+    chunk_size: int
+    n_forward: int
+
+
+class LossEvaluator:
+    """A model's dataset-average loss as a function of its (selected) parameters.
+
+    Args:
+        model: The module (used as a template through ``functional_call``, never modified).
+        loss_fn: ``(output, labels) -> scalar``, the mean loss of a batch; it must work under
+            ``torch.func.vmap`` for the vectorised path (``gs.losses.cross_entropy``/``mse`` do).
+        data: Tensor, ``(inputs, labels)``, Dataset or DataLoader; batches are cached after the first pass.
+        params: Which parameters move (see :data:`~gradsense.core.functional.ParamSpec`); the others
+            and all buffers stay as they are.
+        batch_size: Examples per model call for tensors and Datasets.
+        allow_train_mode: Accept a train-mode model with BatchNorm/Dropout (evaluated one point at a time
+            on copies of the buffers, with a forked RNG seeded by ``seed``).
+        seed: Seed of the RNG fork used in train mode.
+        what: Name of the calling analysis, for messages.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``loss_fn`` is not callable.
+        ValueError: Empty data, or a train-mode model with BatchNorm/Dropout without ``allow_train_mode``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        data: DataLike,
+        *,
+        params: ParamSpec = None,
+        batch_size: int = 512,
+        allow_train_mode: bool = False,
+        seed: int = 0,
+        what: str = "landscape",
+    ) -> None:
+        check_model(model)
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
+        self.train_mode = has_stochastic_layers(model)
+        if self.train_mode and not allow_train_mode:
+            raise ValueError(
+                f"{what}: the model is in train mode and has BatchNorm/Dropout, so its loss depends on the batch "
+                "and on random masks. Call model.eval() first (or pass allow_train_mode=True to evaluate the "
+                "train-mode function one point at a time)."
+            )
+        self.model, self.loss_fn, self.what, self.seed = model, loss_fn, what, seed
+        fm = functional(model, params)
+        if model.training:  # a train-mode BatchNorm would update the running statistics it is given
+            fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
+        self.fm = fm
+        self.batches = list(iterate(data, batch_size=batch_size))
+        self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
+        self._has_accuracy: bool | None = None
+        self._bytes_per_example: int | None = None
+        self._vmap_failed: str | None = None
+
+    # ------------------------------------------------------------------------------------ basics
+    @property
+    def params(self) -> Params:
+        """The selected parameters at the model's own point (detached, not copies)."""
+        return self.fm.params
+
+    @property
+    def buffers(self) -> Params:
+        """The model's buffers (copies in train mode)."""
+        return self.fm.buffers
+
+    def _rng(self) -> Any:
+        if not self.train_mode:
+            return _NullContext()
+        return _SeededFork(self.seed)
+
+    def _correct(self, out: Any, y: Any) -> Tensor | None:
+        logits = _logits(out)
+        if (
+            isinstance(y, Tensor)
+            and isinstance(logits, Tensor)
+            and not y.is_floating_point()
+            and y.ndim == 1
+            and logits.ndim == 2
+            and logits.shape[1] >= 2
+            and logits.shape[0] == y.shape[0]
+        ):
+            return (logits.argmax(-1) == y).sum()
+        return None
+
+    def loss_at(self, values: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
+        """Loss and accuracy at one point, by the plain (unbatched) forward.
+
+        Args:
+            values: ``{name: tensor}`` replacing parameters or buffers; ``None`` is the model's own point.
+
+        Returns:
+            ``(loss, accuracy or None)``; the loss is the size-weighted mean of the batch losses, so with
+            one batch it equals ``loss_fn(model(x), y)`` exactly.
+        """
+        p = dict(self.fm.params) if values is None else {**self.fm.params, **values}
+        total = torch.zeros((), dtype=torch.float64)
+        correct = torch.zeros((), dtype=torch.float64)
+        seen = torch.zeros((), dtype=torch.float64)
+        has_acc = True
+        with torch.no_grad(), self._rng():
+            for x, y in self.batches:
+                out = self.fm(p, x)
+                total += self.loss_fn(out, y).detach().to("cpu", torch.float64) * x.shape[0]
+                c = self._correct(out, y)
+                if c is None:
+                    has_acc = False
+                else:
+                    correct += c.to("cpu", torch.float64)
+                seen += x.shape[0]
+        if self._has_accuracy is None:
+            self._has_accuracy = has_acc
+        n = float(all_reduce_sum(seen))
+        acc = float(all_reduce_sum(correct)) / n if has_acc else None
+        return float(all_reduce_sum(total)) / n, acc
+
+    @property
+    def has_accuracy(self) -> bool:
+        """Whether the labels are class indices for a ``(N, C)`` output (accuracy is reported)."""
+        if self._has_accuracy is None:
+            x, y = self.batches[0]
+            with torch.no_grad(), self._rng():
+                self._has_accuracy = self._correct(self.fm(self.fm.params, x[:2]), None if y is None else y[:2]) \
+                    is not None
+        return self._has_accuracy
+
+    def bytes_per_point(self, moving: Mapping[str, Tensor]) -> int:
+        """Memory one point of a chunk needs: activations of the largest batch plus its parameters."""
+        if self._bytes_per_example is None:
+            x = self.batches[0][0]
+            p = self.fm.params
+            self._bytes_per_example = estimate_example_bytes(
+                self.model, x[:2], forward=lambda r: self.fm(p, r), factor=1.5
+            )
+        rows = max(int(x.shape[0]) for x, _ in self.batches)
+        param_bytes = sum(t.numel() * t.element_size() for t in moving.values())
+        return self._bytes_per_example * rows + 3 * param_bytes
+
+    # ------------------------------------------------------------------------------------ many points
+    def evaluate(
+        self,
+        make: Callable[[slice], Params],
+        n_points: int,
+        *,
+        moving: Mapping[str, Tensor],
+        static: Mapping[str, Tensor] | None = None,
+        chunk_size: int | None = None,
+        max_memory: int | str | None = None,
+        vectorize: bool | None = None,
+        show_progress: bool | None = False,
+        desc: str = "loss landscape",
+    ) -> PointLosses:
+        """Loss (and accuracy) at ``n_points`` points.
+
+        Args:
+            make: ``make(slice) -> {name: (B, *shape) tensor}``: the values of the moving tensors at the
+                points of the slice, stacked. The same values feed the vectorised and the one-at-a-time
+                path, so the two differ only in how the forward runs.
+            n_points: Number of points.
+            moving: ``{name: tensor}`` of the tensors that move (for the memory estimate).
+            static: Values that replace parameters/buffers at every point (unbatched).
+            chunk_size: Points per chunk; default from the memory budget.
+            max_memory: Memory budget (bytes or e.g. ``"2GB"``); on CPU the default is also capped at
+                :data:`CPU_POINT_CHUNK_BYTES`.
+            vectorize: ``True``: vmap (errors propagate); ``False``: one point at a time; ``None``: vmap,
+                falling back to one at a time with a warning when vmap cannot run the model.
+            show_progress: Progress bar (``None``: on a TTY).
+            desc: Progress bar label.
+
+        Returns:
+            A :class:`PointLosses`.
+
+        Raises:
+            ValueError: ``vectorize=True`` on a train-mode model with BatchNorm/Dropout.
+        """
+        if self.train_mode:
+            if vectorize:
+                raise ValueError(
+                    f"{self.what}: vectorize=True cannot run a train-mode model with BatchNorm/Dropout under "
+                    "vmap (running statistics, random masks); use vectorize=None or False."
+                )
+            vectorize = False
+        static = dict(static or {})
+        if chunk_size is None:
+            per_point = self.bytes_per_point(moving)
+            device = next(iter(moving.values())).device if moving else torch.device("cpu")
+            budget = max_memory
+            if budget is None and device.type == "cpu":
+                from gradsense.core.batching import default_budget
+
+                budget = min(default_budget(device), CPU_POINT_CHUNK_BYTES)
+            size = chunk_size_for(per_point, max_memory=budget, total=n_points, device=device)
+        else:
+            size = chunk_size_for(1, chunk_size=chunk_size, total=n_points)
+        losses = torch.zeros(n_points, dtype=torch.float64)
+        correct = torch.zeros(n_points, dtype=torch.float64)
+        seen = torch.zeros((), dtype=torch.float64)
+        has_acc = self.has_accuracy
+        fn = self._point_fn(static, has_acc)
+        batched = vmap(fn, in_dims=(0, None, None))
+        use_vmap = bool(vectorize) or (vectorize is None and self._vmap_failed is None)
+        n_forward = 0
+        parts = list(chunks(n_points, size))
+        with torch.no_grad(), self._rng():
+            for sl in progress(parts, total=len(parts), desc=desc, enabled=show_progress):
+                values = make(sl)
+                for x, y in self.batches:
+                    if use_vmap:
+                        try:
+                            lv, cv = batched(values, x, y)
+                            n_forward += 1
+                        except (RuntimeError, NotImplementedError, ValueError, TypeError) as err:
+                            if vectorize:
+                                raise
+                            lv, cv = self._one_by_one(fn, values, x, y)  # a real error raises here
+                            n_forward += lv.shape[0]
+                            use_vmap = False
+                            self._vmap_failed = f"{type(err).__name__}: {str(err)[:200]}"
+                            warnings.warn(
+                                f"{self.what}: vmap could not run this model ({self._vmap_failed}); evaluating "
+                                "the points one at a time (same results, slower).",
+                                RuntimeWarning,
+                                stacklevel=3,
+                            )
+                    else:
+                        lv, cv = self._one_by_one(fn, values, x, y)
+                        n_forward += lv.shape[0]
+                    losses[sl] += lv.detach().to("cpu", torch.float64).reshape(-1) * x.shape[0]
+                    correct[sl] += cv.detach().to("cpu", torch.float64).reshape(-1)
+                if sl.start == 0:
+                    seen += sum(x.shape[0] for x, _ in self.batches)
+        n = float(all_reduce_sum(seen))
+        losses = all_reduce_sum(losses) / n
+        accuracy = all_reduce_sum(correct) / n if has_acc else None
+        return PointLosses(losses=losses, accuracy=accuracy, vectorized=use_vmap, chunk_size=size,
+                           n_forward=n_forward)
+
+    def _point_fn(self, static: Mapping[str, Tensor], has_acc: bool) -> Callable[..., tuple[Tensor, Tensor]]:
+        fm, loss_fn = self.fm, self.loss_fn
+
+        def point(values: Mapping[str, Tensor], x: Any, y: Any) -> tuple[Tensor, Tensor]:
+            out = fm({**static, **values}, x)
+            loss = loss_fn(out, y).reshape(())
+            if has_acc:
+                correct = (_logits(out).argmax(-1) == y).sum()
+            else:
+                correct = torch.zeros((), dtype=torch.int64, device=loss.device)
+            return loss, correct
+
+        return point
+
+    @staticmethod
+    def _one_by_one(
+        fn: Callable[..., tuple[Tensor, Tensor]], values: Mapping[str, Tensor], x: Any, y: Any
+    ) -> tuple[Tensor, Tensor]:
+        b = next(iter(values.values())).shape[0] if values else 1
+        ls, cs = [], []
+        for i in range(b):
+            loss, c = fn({k: v[i] for k, v in values.items()}, x, y)
+            ls.append(loss)
+            cs.append(c)
+        return torch.stack(ls), torch.stack(cs)
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _SeededFork:
+    """Fork torch's CPU RNG and seed it, so train-mode Dropout neither depends on nor changes global state."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def __enter__(self) -> None:
+        self._fork = torch.random.fork_rng(devices=[])
+        self._fork.__enter__()
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc: object) -> None:
+        self._fork.__exit__(*exc)

@@ -178,12 +178,15 @@ class Attribution:
                 return cache["out"]
 
             resolved = as_target(target, n, predict=outputs)
-            resolved.validate(outputs(), n)
-            with torch.no_grad():
-                scores = resolved(outputs(), _batch_of(inputs))
+            with torch.no_grad():  # the target's shape checks need an output, not all of them
+                resolved.validate(cache["out"] if "out" in cache else _output_tensor(self._run(inputs[:2].detach())), n)
             attributions, extra = self._compute(
                 inputs.detach(), resolved, torch.arange(n, device=inputs.device), n
             )
+            scores = extra.pop("scores", None)  # methods that run the clean inputs return their scores
+            if scores is None or scores.shape != (n,):
+                with torch.no_grad():
+                    scores = resolved(outputs(), _batch_of(inputs))
         if bool((attributions == 0).all()):
             warnings.warn(
                 f"{self.name}: every attribution is exactly zero; the target may not depend on the inputs "

@@ -203,8 +203,8 @@ class _LayerMethod(Attribution):
 
     def _passes(
         self, rows: Tensor, target: Target, index: Tensor, desc: str
-    ) -> Iterator[tuple[slice, dict[str, Tensor], dict[str, Tensor]]]:
-        """For each chunk of rows: ``(slice, activations, gradients)`` per layer, as ``(n, C, h, w)``."""
+    ) -> Iterator[tuple[slice, dict[str, Tensor], dict[str, Tensor], Tensor]]:
+        """For each chunk of rows: ``(slice, activations, gradients, target values)``; maps ``(n, C, h, w)``."""
         parts = list(chunks(rows.shape[0], self._chunk(rows)))
         for sl in progress(parts, total=len(parts), desc=f"{self.name}: {desc}", enabled=self.show_progress):
             x = rows[sl].detach().requires_grad_(True)
@@ -220,7 +220,7 @@ class _LayerMethod(Attribution):
                 name: self._spatial(torch.zeros_like(a) if g is None else g.detach(), name)
                 for name, a, g in zip(self.layers, acts, grads)
             }
-            yield sl, a_out, g_out
+            yield sl, a_out, g_out, s.detach()
 
     def _activation(self, activations: dict[str, Tensor], name: str) -> Tensor:
         if name not in activations:
@@ -271,15 +271,16 @@ class _ChannelCAM(_LayerMethod):
     def _compute(
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        raws, weights, extras = [], [], []
+        raws, weights, extras, scores = [], [], [], []
         (layer,) = self.layers
-        for _sl, acts, grads in self._passes(inputs, target, index, desc="layer gradients"):
+        for _sl, acts, grads, s in self._passes(inputs, target, index, desc="layer gradients"):
             w, extra = self._weights(acts[layer], grads[layer])
             raws.append(self._combine(acts[layer], w))
             weights.append(w)
             extras.append(extra)
+            scores.append(s)
         raw = torch.cat(raws)
-        out = {"raw": raw, "weights": torch.cat(weights)}
+        out = {"raw": raw, "weights": torch.cat(weights), "scores": torch.cat(scores)}
         for key in extras[0]:
             out[key] = torch.cat([e[key] for e in extras])
         return upsample(raw, self._size(inputs, raw)), out
@@ -422,7 +423,7 @@ class SmoothGradCAMPlusPlus(_ChannelCAM):
         local = torch.arange(s * n, device=inputs.device) % n  # the example (of this call) each row is
         (layer,) = self.layers
         moments: list[Tensor] = []
-        for sl, _acts, grads in self._passes(rows, target, index.repeat(s), desc=f"{s} noise samples"):
+        for sl, _acts, grads, _s in self._passes(rows, target, index.repeat(s), desc=f"{s} noise samples"):
             gr = grads[layer]
             if not moments:
                 moments = [torch.zeros((n, *gr.shape[1:]), dtype=gr.dtype, device=gr.device) for _ in range(3)]
@@ -468,7 +469,7 @@ class NormGrad(_LayerMethod):
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         per_layer: dict[str, list[Tensor]] = {name: [] for name in self.layers}
-        for _sl, acts, grads in self._passes(inputs, target, index, desc="layer gradients"):
+        for _sl, acts, grads, _s in self._passes(inputs, target, index, desc="layer gradients"):
             for name in self.layers:
                 per_layer[name].append(acts[name].norm(dim=1) * grads[name].norm(dim=1))
         raws = {name: torch.cat(v) for name, v in per_layer.items()}

@@ -175,12 +175,13 @@ class FullGrad(Attribution):
             if self.post_process:
                 maps.append(self._saliency(input_term, terms))
         bias_per_layer = torch.cat(per_layer)
+        target_values = torch.cat(scores)
         if self.post_process:
-            return torch.cat(maps), {"bias_per_layer": bias_per_layer}
+            return torch.cat(maps), {"bias_per_layer": bias_per_layer, "scores": target_values}
         raw = torch.cat(input_terms)
         bias = bias_per_layer.sum(1)
-        delta = raw.reshape(raw.shape[0], -1).sum(1) + bias - torch.cat(scores)
-        return raw, {"bias": bias, "bias_per_layer": bias_per_layer, "delta": delta}
+        delta = raw.reshape(raw.shape[0], -1).sum(1) + bias - target_values
+        return raw, {"bias": bias, "bias_per_layer": bias_per_layer, "delta": delta, "scores": target_values}
 
     @staticmethod
     def _saliency(input_term: Tensor, terms: dict[str, Tensor]) -> Tensor:

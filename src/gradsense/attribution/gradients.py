@@ -45,8 +45,8 @@ class Saliency(Attribution):
     def _compute(
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        g, _ = self._gradients(inputs, target, index, n_examples)
-        return (g.abs() if self.abs else g), {}
+        g, scores = self._gradients(inputs, target, index, n_examples)
+        return (g.abs() if self.abs else g), {"scores": scores}
 
 
 @register("input_x_gradient", "inputxgradient")
@@ -64,5 +64,5 @@ class InputXGradient(Attribution):
     def _compute(
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        g, _ = self._gradients(inputs, target, index, n_examples)
-        return inputs * g, {}
+        g, scores = self._gradients(inputs, target, index, n_examples)
+        return inputs * g, {"scores": scores}

@@ -255,7 +255,7 @@ class IntegratedGradients(_PathMethod):
         ig = (inputs - base) * avg_grad
         delta = ig.reshape(ig.shape[0], -1).sum(1) - (f_x - f_b)
         attributions = ig if self.multiply_by_inputs else avg_grad
-        return attributions, {"delta": delta.detach(), "steps": steps_used.to(inputs.device)}
+        return attributions, {"delta": delta.detach(), "steps": steps_used.to(inputs.device), "scores": f_x}
 
     def _adaptive(
         self, x: Tensor, base: Tensor, target: Target, index: Tensor, n_examples: int, gap: Tensor

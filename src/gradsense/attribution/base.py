@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from gradsense.core.batching import chunks, parse_memory
+from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory
 from gradsense.core.checks import check_inputs
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients, warn_if_train_mode
@@ -98,6 +98,14 @@ class Attribution:
     # ------------------------------------------------------------------------------ helpers
     def _run(self, x: Tensor) -> Any:
         return (self.forward or self.model)(x)
+
+    def _chunk(self, rows: Tensor) -> int:
+        """Rows per forward/backward: ``chunk_size`` if given, else from the memory budget."""
+        n = rows.shape[0]
+        if self.chunk_size is not None:
+            return chunk_size_for(1, chunk_size=self.chunk_size, total=n)
+        per_row = estimate_example_bytes(self.model, rows[:2], forward=self._run)
+        return chunk_size_for(per_row, max_memory=self.max_memory, total=n, device=rows.device)
 
     def _outputs(self, x: Tensor) -> Tensor:
         """Model outputs on ``x`` without gradients, in chunks of ``chunk_size`` rows (default 256)."""

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, register
-from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
+from gradsense.attribution.noise import noisy_rows
+from gradsense.core.batching import chunks, progress
 from gradsense.core.checks import check_positive_int
 from gradsense.core.hooks import capture, resolve_layers
 from gradsense.core.targets import Batch, Target
@@ -193,13 +194,6 @@ class _LayerMethod(Attribution):
                 "(N, C, h, w), or choose another layer."
             )
         return out
-
-    def _chunk(self, rows: Tensor) -> int:
-        n = rows.shape[0]
-        if self.chunk_size is not None:
-            return chunk_size_for(1, chunk_size=self.chunk_size, total=n)
-        per_row = estimate_example_bytes(self.model, rows[:1], forward=self._run)
-        return chunk_size_for(per_row, max_memory=self.max_memory, total=n, device=rows.device)
 
     def _passes(
         self, rows: Tensor, target: Target, index: Tensor, desc: str
@@ -411,15 +405,7 @@ class SmoothGradCAMPlusPlus(_ChannelCAM):
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         n, s = inputs.shape[0], self.n_samples
-        if self.sigma is not None:
-            sigma = torch.full((n,), float(self.sigma), dtype=inputs.dtype, device=inputs.device)
-        else:
-            flat = inputs.reshape(n, -1)
-            sigma = self.noise_level * (flat.max(1).values - flat.min(1).values)
-        g = torch.Generator().manual_seed(0 if self.seed is None else int(self.seed))
-        noise = torch.randn((s, *inputs.shape), generator=g, dtype=inputs.dtype).to(inputs.device)
-        rows = (inputs.unsqueeze(0) + noise * sigma.reshape((1, n) + (1,) * (inputs.ndim - 1)))
-        rows = rows.reshape(s * n, *inputs.shape[1:])
+        rows = noisy_rows(inputs, s, noise_level=self.noise_level, sigma=self.sigma, seed=self.seed)
         local = torch.arange(s * n, device=inputs.device) % n  # the example (of this call) each row is
         (layer,) = self.layers
         moments: list[Tensor] = []

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, register
-from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
+from gradsense.core.batching import chunks, progress
 from gradsense.core.hooks import capture
 from gradsense.core.targets import Batch, Target
 
@@ -134,13 +134,6 @@ class FullGrad(Attribution):
         modules = dict(self.model.named_modules())
         for name in self.layers:
             effective_bias(modules[name])
-
-    def _chunk(self, rows: Tensor) -> int:
-        n = rows.shape[0]
-        if self.chunk_size is not None:
-            return chunk_size_for(1, chunk_size=self.chunk_size, total=n)
-        per_row = estimate_example_bytes(self.model, rows[:1], forward=self._run)
-        return chunk_size_for(per_row, max_memory=self.max_memory, total=n, device=rows.device)
 
     def _compute(
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, register
-from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
+from gradsense.core.batching import chunks, progress
 from gradsense.core.functional import ModelState
 from gradsense.core.hooks import capture
 from gradsense.core.targets import Batch, Target, _output_tensor
@@ -403,13 +403,6 @@ class LeGrad(Attribution):
         )
 
     # ------------------------------------------------------------------------------ computation
-    def _chunk(self, rows: Tensor) -> int:
-        n = rows.shape[0]
-        if self.chunk_size is not None:
-            return chunk_size_for(1, chunk_size=self.chunk_size, total=n)
-        per_row = estimate_example_bytes(self.model, rows[:1], forward=self._run)
-        return chunk_size_for(per_row, max_memory=self.max_memory, total=n, device=rows.device)
-
     def _layer_maps(self, x: Tensor, target: Target, index: Tensor) -> tuple[Tensor, int]:
         """``(per-layer maps over all T key tokens (n, L, T), number of tokens T)`` for one chunk."""
         x = x.detach().requires_grad_(True)  # keeps the graph when the caller froze the parameters

@@ -24,10 +24,30 @@ from gradsense.attribution.base import Attribution, get_method, register
 from gradsense.core.checks import check_positive_int
 from gradsense.core.targets import Target
 
-__all__ = ["SmoothGrad", "SmoothGradSquared", "VarGrad"]
+__all__ = ["SmoothGrad", "SmoothGradSquared", "VarGrad", "noisy_rows"]
 
 Kind = Literal["smoothgrad", "smoothgrad_sq", "vargrad"]
 KINDS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+def noisy_rows(
+    inputs: Tensor, n_samples: int, *, noise_level: float = 0.15, sigma: float | None = None, seed: int | None = 0
+) -> Tensor:
+    """``n_samples`` noisy copies of every input as one batch ``(n_samples * N, ...)``, sample-major.
+
+    The noise is Gaussian with standard deviation ``sigma`` (absolute) or ``noise_level`` times each
+    example's value range, drawn from a seeded CPU generator (same seed, same rows on any device).
+    """
+    n = inputs.shape[0]
+    if sigma is not None:
+        sd = torch.full((n,), float(sigma), dtype=inputs.dtype, device=inputs.device)
+    else:
+        flat = inputs.reshape(n, -1)
+        sd = noise_level * (flat.max(1).values - flat.min(1).values)
+    g = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    noise = torch.randn((n_samples, *inputs.shape), generator=g, dtype=inputs.dtype).to(inputs.device)
+    noise = noise * sd.reshape((1, n) + (1,) * (inputs.ndim - 1))
+    return (inputs.unsqueeze(0) + noise).reshape(n_samples * n, *inputs.shape[1:])
 
 
 @register("smoothgrad", "noise_tunnel")
@@ -100,15 +120,7 @@ class SmoothGrad(Attribution):
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
     ) -> tuple[Tensor, dict[str, Tensor]]:
         n, s = inputs.shape[0], self.n_samples
-        if self.sigma is not None:
-            sigma = torch.full((n,), float(self.sigma), dtype=inputs.dtype, device=inputs.device)
-        else:
-            flat = inputs.reshape(n, -1)
-            sigma = self.noise_level * (flat.max(1).values - flat.min(1).values)
-        g = torch.Generator().manual_seed(0 if self.seed is None else int(self.seed))
-        noise = torch.randn((s, *inputs.shape), generator=g, dtype=inputs.dtype).to(inputs.device)
-        noise = noise * sigma.reshape((1, n) + (1,) * (inputs.ndim - 1))
-        rows = (inputs.unsqueeze(0) + noise).reshape(s * n, *inputs.shape[1:])
+        rows = noisy_rows(inputs, s, noise_level=self.noise_level, sigma=self.sigma, seed=self.seed)
         maps, _ = self.inner._compute(rows, target, index.repeat(s), n_examples)
         maps = maps.reshape(s, n, *maps.shape[1:])
         if self.kind == "smoothgrad":

@@ -167,3 +167,18 @@ def test_atomic_write_text_creates_folders_and_leaves_no_temp_file(tmp_path):
     path = atomic_write_text(tmp_path / "a" / "b.txt", "héllo")
     assert path.read_text(encoding="utf-8") == "héllo"
     assert _files(tmp_path / "a") == ["b.txt"]
+
+
+def test_repr_html_shows_escaped_summary_and_an_embedded_plot():
+    import base64
+
+    import gradsense as gs
+
+    lin = torch.nn.Linear(4, 2)
+    res = gs.attribute(lin, torch.randn(2, 4), target=lambda out, batch: out[:, 1])
+    html = res._repr_html_()
+    assert "<table>" in html and "saliency" in html
+    uri = html.split("src='data:image/png;base64,")[1].split("'")[0]
+    assert base64.b64decode(uri)[:8] == b"\x89PNG\r\n\x1a\n"
+    # the target's description is "<lambda>": shown escaped, never as markup
+    assert "&lt;lambda&gt;" in html and "<lambda>" not in html

@@ -8,12 +8,16 @@ Example:
     >>> model, data = gs.zoo.load("digits-cnn"), gs.zoo.dataset("digits", split="test")
     >>> x, y = data[:16]
     >>> a = gs.attribute(model, x, target=y, method="saliency")
+    >>> eig = gs.hessian_eigs(model, gs.losses.cross_entropy, data[:128], k=2, seed=0)
+    >>> surf = gs.loss_surface(model, gs.losses.cross_entropy, data[:128], steps=5, seed=0)
 """
 
 __version__ = "0.1.0"
 
-from gradsense import attribution, core, losses, results, targets, viz, zoo
+from gradsense import attribution, core, curvature, landscape, losses, results, targets, viz, zoo
 from gradsense.attribution import attribute, attribute_tokens
+from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
+from gradsense.landscape import interpolate, loss_surface, sharpness
 from gradsense.results import AttributionResult, Result
 
 __all__ = [
@@ -24,8 +28,16 @@ __all__ = [
     "attribute_tokens",
     "attribution",
     "core",
+    "curvature",
+    "hessian_eigs",
+    "hessian_trace",
+    "interpolate",
+    "landscape",
+    "loss_surface",
     "losses",
     "results",
+    "sharpness",
+    "spectral_density",
     "targets",
     "viz",
     "zoo",

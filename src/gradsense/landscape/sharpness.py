@@ -135,7 +135,8 @@ def sharpness(
         batch_size: Examples per model call.
         chunk_size: Samples per vectorised call (``"average"``); default from the memory budget.
         max_memory: Memory budget.
-        vectorize: vmap the samples (``"average"``): ``None`` (with fallback), ``True``, ``False``.
+        vectorize: vmap the samples (``"average"``): ``None`` (as in
+            :func:`~gradsense.landscape.loss_surface`), ``True``, ``False``.
         show_progress: Progress bar.
         name: Model name for the result.
 

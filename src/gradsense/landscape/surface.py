@@ -89,20 +89,34 @@ def _combiner(
     coeffs: Tensor,
     names: Sequence[str],
 ) -> Callable[[slice], Params]:
-    """``make(slice)`` -> ``{name: base + sum_k c_k d_k}`` stacked over the points of the slice."""
+    """``make(slice)`` -> ``{name: base + sum_k c_k d_k}`` stacked over the points of the slice.
+
+    The directions of the moving tensors are kept as one ``(K, numel)`` matrix per (device, dtype), so a
+    chunk of points is one fused ``addmm`` (``base + C @ D``); each tensor is a view into that block.
+    With ``c = 0`` the result is exactly ``base`` (and with ``base=None``, ``c = (0, 1)`` gives exactly
+    the second direction), so the model itself and interpolation endpoints are represented exactly.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
+    for n in names:
+        t = directions[0][n]
+        groups.setdefault((t.device, t.dtype), []).append(n)
+    packed = []
+    for (device, dtype), group in groups.items():
+        mat = torch.stack([torch.cat([d[n].reshape(-1) for n in group]) for d in directions])
+        flat_base = None if base is None else torch.cat([base[n].reshape(-1) for n in group]).unsqueeze(0)
+        packed.append((device, dtype, group, mat, flat_base))
 
     def make(sl: slice) -> Params:
-        c = coeffs[sl]
         out: Params = {}
-        for n in names:
-            like = directions[0][n]
-            cc = c.to(like.device, like.dtype)
-            shape = (-1,) + (1,) * like.ndim
-            acc = None if base is None else base[n].unsqueeze(0)
-            for k, d in enumerate(directions):
-                term = cc[:, k].view(shape) * d[n]
-                acc = term if acc is None else acc + term
-            out[n] = acc  # type: ignore[assignment]
+        for device, dtype, group, mat, flat_base in packed:
+            c = coeffs[sl].to(device=device, dtype=dtype)
+            block = torch.mm(c, mat) if flat_base is None else torch.addmm(flat_base, c, mat)
+            offset = 0
+            for n in group:
+                shape = directions[0][n].shape
+                size = directions[0][n].numel()
+                out[n] = block[:, offset : offset + size].reshape(block.shape[0], *shape)
+                offset += size
         return out
 
     return make
@@ -161,7 +175,10 @@ def loss_surface(
         batch_size: Examples per model call for tensors and Datasets.
         chunk_size: Grid points per vectorised call; default from the memory budget.
         max_memory: Memory budget (bytes or e.g. ``"2GB"``).
-        vectorize: ``None`` (vmap, falling back to one point at a time with a warning), ``True``, ``False``.
+        vectorize: ``True``: grid points as a vmap batch; ``False``: one point at a time; ``None`` (default):
+            vmap on accelerators and for small per-point forwards on CPU, else one at a time (faster there;
+            see :data:`~gradsense.landscape.engine.CPU_VMAP_MAX_BYTES`); vmap falls back to one point at a
+            time, with a warning, when it cannot run the model. ``result.meta["vectorized"]`` says which ran.
         allow_train_mode: Accept a train-mode model with BatchNorm/Dropout (one point at a time).
         show_progress: Progress bar (``None``: on a TTY).
         name: Model name for the result (default: zoo name or class name).
@@ -231,10 +248,10 @@ def loss_surface(
     else:
         coeffs = axis.reshape(-1, 1)
     make = _combiner(reference, dirs, coeffs, moving)
+    center_loss, center_acc = ev.loss_at()
     pts = ev.evaluate(make, coeffs.shape[0], moving={n: reference[n] for n in moving}, chunk_size=chunk_size,
                       max_memory=max_memory, vectorize=vectorize, show_progress=show_progress,
                       desc="loss surface")
-    center_loss, center_acc = ev.loss_at()
     losses, accuracy = pts.losses.clone(), None if pts.accuracy is None else pts.accuracy.clone()
     if steps % 2 == 1:  # the middle point is the model itself: its own loss, by the plain forward
         mid = (coeffs.shape[0] - 1) // 2
@@ -383,7 +400,7 @@ def interpolate(
         batch_size: Examples per model call.
         chunk_size: Points per vectorised call; default from the memory budget.
         max_memory: Memory budget.
-        vectorize: ``None`` (vmap with fallback), ``True`` or ``False``.
+        vectorize: ``None`` (as in :func:`loss_surface`), ``True`` (vmap) or ``False`` (one at a time).
         allow_train_mode: Accept a train-mode model with BatchNorm/Dropout (one point at a time).
         show_progress: Progress bar.
         names: Display names of the two models.
@@ -416,11 +433,11 @@ def interpolate(
     static = {n: state_a[n] for n in state_a if n not in names_moving}
     coeffs = torch.stack([1.0 - alphas, alphas], dim=1)
     make = _combiner(None, [state_a, state_b], coeffs, names_moving)
+    loss_a, acc_a = ev.loss_at(state_a)
+    loss_b, acc_b = ev.loss_at(state_b)
     pts = ev.evaluate(make, steps, moving={n: state_a[n] for n in names_moving}, static=static,
                       chunk_size=chunk_size, max_memory=max_memory, vectorize=vectorize,
                       show_progress=show_progress, desc="interpolation")
-    loss_a, acc_a = ev.loss_at(state_a)
-    loss_b, acc_b = ev.loss_at(state_b)
     losses = pts.losses.clone()
     accuracy = None if pts.accuracy is None else pts.accuracy.clone()
     for t_value, (lv, av) in ((0.0, (loss_a, acc_a)), (1.0, (loss_b, acc_b))):

@@ -11,3 +11,8 @@ __all__ += ["AttributionResult"]
 from gradsense.results.run import RunFolder  # noqa: E402
 
 __all__ += ["RunFolder"]
+
+from gradsense.results.curvature import DensityResult, EigenResult, TraceResult  # noqa: E402
+from gradsense.results.landscape import InterpolationResult, SharpnessResult, SurfaceResult  # noqa: E402
+
+__all__ += ["DensityResult", "EigenResult", "InterpolationResult", "SharpnessResult", "SurfaceResult", "TraceResult"]

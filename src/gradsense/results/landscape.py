@@ -102,8 +102,12 @@ class SurfaceResult(Result):
         return out
 
     def minimum(self) -> tuple[float, float, float | None]:
-        """``(loss, alpha, beta)`` of the grid point with the lowest loss (``beta`` is ``None`` in 1-D)."""
-        flat = int(torch.argmin(self.losses.reshape(-1)))
+        """``(loss, alpha, beta)`` of the grid point with the lowest loss (``beta`` is ``None`` in 1-D).
+
+        Non-finite losses (overflow far from the model) are never the minimum.
+        """
+        z = self.losses.reshape(-1)
+        flat = int(torch.argmin(torch.where(torch.isnan(z), torch.full_like(z, math.inf), z)))
         if self.dims == 1:
             return float(self.losses[flat]), float(self.alphas[flat]), None
         i, j = divmod(flat, self.losses.shape[1])
@@ -193,20 +197,15 @@ class SurfaceResult(Result):
         return fig
 
     def _contour(self, fig: Any, ax: Any, z: np.ndarray, use_log: bool, levels: int) -> None:
-        from matplotlib.colors import LogNorm
-
         a = self.alphas.double().numpy()
         assert self.betas is not None
         b = self.betas.double().numpy()
-        finite = z[np.isfinite(z)]
-        if use_log:
-            lv = np.geomspace(finite.min(), finite.max(), levels)
-            cs = ax.contourf(a, b, z.T, levels=lv, norm=LogNorm(), cmap="viridis")
-        else:
-            lv = np.linspace(finite.min(), finite.max(), levels) if finite.max() > finite.min() else levels
-            cs = ax.contourf(a, b, z.T, levels=lv, cmap="viridis")
-        ax.contour(a, b, z.T, levels=cs.levels, colors="white", linewidths=0.4, alpha=0.6)
-        fig.colorbar(cs, ax=ax, label="loss" + (" (log scale)" if use_log else ""))
+        shown = np.log10(np.clip(z, 1e-300, None)) if use_log else z
+        finite = shown[np.isfinite(shown)]
+        lv = np.linspace(finite.min(), finite.max(), levels) if finite.size and finite.max() > finite.min() else levels
+        cs = ax.contourf(a, b, shown.T, levels=lv, cmap="viridis")
+        ax.contour(a, b, shown.T, levels=cs.levels, colors="white", linewidths=0.4, alpha=0.6)
+        fig.colorbar(cs, ax=ax, label="log10 loss" if use_log else "loss")
         lo, ma, mb = self.minimum()
         ax.plot([ma], [mb], marker="*", markersize=14, color="#ff7f0e", markeredgecolor="black",
                 linestyle="none", label=f"grid minimum {lo:.4g}")

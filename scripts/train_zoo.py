@@ -3,6 +3,7 @@
 Usage:
     python scripts/train_zoo.py                       # all models, seed 0
     python scripts/train_zoo.py digits-cnn --seed 0   # one model
+    python scripts/train_zoo.py block-digits-cnn      # the block-digits ground-truth testbed (issue 5)
     python scripts/train_zoo.py --out /tmp/weights    # somewhere else
 
 Training is deterministic (fixed seed, single thread, ``torch.use_deterministic_algorithms``),

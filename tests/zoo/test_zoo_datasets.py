@@ -20,7 +20,7 @@ def _split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_dataset_names():
-    assert zoo.datasets() == ["breast-cancer", "digits"]
+    assert zoo.datasets() == ["block-digits", "breast-cancer", "digits"]
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -161,3 +161,40 @@ def test_unknown_split_names_choices():
 
 def test_repr():
     assert "digits" in repr(zoo.dataset("digits"))
+
+
+# ------------------------------------------------------------------------------------------- block-digits
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_block_digits_puts_the_digit_in_the_masked_block_and_the_pattern_in_the_other(split):
+    digits, block = zoo.dataset("digits", split), zoo.dataset("block-digits", split)
+    n = len(digits)
+    assert block.inputs.shape == (n, 1, 8, 16) and block.masks.shape == (n, 1, 8, 16)
+    assert torch.equal(block.labels, digits.labels)
+    pattern = torch.zeros(8, 8)
+    pattern[1:7, 1:7] = 1.0
+    pattern[2:6, 2:6] = 0.0  # a square ring, written out independently of the library
+    for i in range(n):
+        side = int(block.sides[i])
+        digit_cols = slice(8 * side, 8 * side + 8)
+        other_cols = slice(8 - 8 * side, 16 - 8 * side)
+        assert torch.equal(block.inputs[i, 0, :, digit_cols], digits.inputs[i, 0])
+        assert torch.equal(block.inputs[i, 0, :, other_cols], pattern)
+        assert bool((block.masks[i, 0, :, digit_cols] == 1).all())
+        assert bool((block.masks[i, 0, :, other_cols] == 0).all())
+
+
+def test_block_digits_sides_are_random_balanced_and_fixed():
+    a, b = zoo.dataset("block-digits", "test"), zoo.dataset("zoo:block-digits", "test")
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.sides, b.sides)
+    frac = a.sides.double().mean().item()
+    assert 0.4 < frac < 0.6  # a fair coin over 540 examples: 4.6 standard deviations either side
+    # the side carries no label information: each class appears on both sides
+    for c in range(10):
+        assert set(a.sides[a.labels == c].tolist()) == {0, 1}
+    train = zoo.dataset("block-digits", "train")
+    assert not torch.equal(train.sides[: len(a)], a.sides)  # the splits draw their sides independently
+
+
+def test_other_datasets_have_no_mask():
+    assert zoo.dataset("digits").masks is None
+    assert zoo.dataset("breast-cancer").sides is None

@@ -14,9 +14,10 @@ import gradsense.zoo as zoo
 from gradsense.zoo.models import Attention, TinyViT
 from gradsense.zoo.registry import WEIGHTS_DIR
 
-SMALL = ["breast-cancer-mlp", "digits-cnn", "digits-vit"]
-DATASET = {"breast-cancer-mlp": "breast-cancer", "digits-cnn": "digits", "digits-vit": "digits"}
-THRESHOLD = {"breast-cancer-mlp": 0.95, "digits-cnn": 0.97, "digits-vit": 0.90}
+SMALL = ["block-digits-cnn", "breast-cancer-mlp", "digits-cnn", "digits-vit"]
+DATASET = {"block-digits-cnn": "block-digits", "breast-cancer-mlp": "breast-cancer", "digits-cnn": "digits",
+           "digits-vit": "digits"}
+THRESHOLD = {"block-digits-cnn": 0.97, "breast-cancer-mlp": 0.95, "digits-cnn": 0.97, "digits-vit": 0.90}
 
 
 @torch.no_grad()
@@ -25,7 +26,7 @@ def _accuracy(model: nn.Module, data: zoo.ZooDataset) -> float:
 
 
 def test_available_names():
-    assert zoo.available() == ["breast-cancer-mlp", "digits-cnn", "digits-vit", "minilm"]
+    assert zoo.available() == ["block-digits-cnn", "breast-cancer-mlp", "digits-cnn", "digits-vit", "minilm"]
 
 
 @pytest.mark.parametrize("name", SMALL)

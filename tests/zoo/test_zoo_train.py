@@ -19,7 +19,9 @@ def _assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
-@pytest.mark.parametrize(("name", "epochs"), [("breast-cancer-mlp", 3), ("digits-cnn", 1), ("digits-vit", 1)])
+@pytest.mark.parametrize(
+    ("name", "epochs"), [("breast-cancer-mlp", 3), ("digits-cnn", 1), ("digits-vit", 1), ("block-digits-cnn", 1)]
+)
 def test_training_is_deterministic_given_the_seed(name, epochs):
     m1, acc1 = train(name, seed=0, epochs=epochs)
     torch.randn(10)  # perturb the global RNG between runs: it must not matter
@@ -109,6 +111,7 @@ def test_save_weights_round_trip(tmp_path):
         ("breast-cancer-mlp", 0.95),
         pytest.param("digits-cnn", 0.97, marks=pytest.mark.slow),
         pytest.param("digits-vit", 0.90, marks=pytest.mark.slow),
+        pytest.param("block-digits-cnn", 0.97, marks=pytest.mark.slow),
     ],
 )
 def test_full_recipe_reaches_threshold(name, threshold):

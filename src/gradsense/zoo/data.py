@@ -1,8 +1,14 @@
 """Bundled datasets: small scikit-learn datasets with a fixed train/test split, as tensors.
 
-Both datasets ship inside scikit-learn, so nothing is downloaded. The split is always
+The data ship inside scikit-learn, so nothing is downloaded. The split is always
 ``train_test_split(test_size=0.3, random_state=0, stratify=y)``, so every run, test and figure
 sees the same examples.
+
+``block-digits`` is a ground-truth testbed after Shah, Jain & Netrapalli 2021 ("Do Input Gradients
+Highlight Discriminative Features?", their BlockMNIST): each ``1 x 8 x 16`` image holds a digit from
+``digits`` in one 8x8 block and a fixed, uninformative pattern (:data:`BLOCK_PATTERN`) in the other,
+the side drawn at random (seeded per split). ``masks`` marks the digit block, the only part that
+carries the label.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["SPLITS", "ZooDataset", "dataset", "datasets"]
+__all__ = ["BLOCK_PATTERN", "SPLITS", "ZooDataset", "block_pattern", "dataset", "datasets"]
 
 SPLITS: tuple[str, ...] = ("train", "test")
 TEST_SIZE = 0.3
@@ -37,6 +43,9 @@ class ZooDataset(Dataset):
         split: ``"train"`` or ``"test"``.
         mean, std: the statistics used to standardise the inputs (train split), or ``None``
             when the inputs are not standardised.
+        masks: ground-truth masks shaped like ``inputs`` (1 where the label lives), or ``None``
+            for datasets without one (``block-digits`` has them).
+        sides: for ``block-digits``, the block (0 left, 1 right) holding the digit; else ``None``.
 
     Indexing with an int gives one ``(x, y)`` pair; indexing with a slice, a list or a tensor
     gives the batched pair ``(inputs[index], labels[index])``, so ``x, y = data[:16]`` works.
@@ -53,6 +62,8 @@ class ZooDataset(Dataset):
         feature_names: Sequence[str] | None = None,
         mean: Tensor | None = None,
         std: Tensor | None = None,
+        masks: Tensor | None = None,
+        sides: Tensor | None = None,
     ) -> None:
         if inputs.shape[0] != labels.shape[0]:
             raise ValueError(
@@ -66,6 +77,10 @@ class ZooDataset(Dataset):
         self.split = split
         self.mean = mean
         self.std = std
+        if masks is not None and masks.shape != inputs.shape:
+            raise ValueError(f"masks must be shaped like the inputs {tuple(inputs.shape)}, got {tuple(masks.shape)}")
+        self.masks = masks
+        self.sides = sides
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +150,45 @@ def _breast_cancer_arrays() -> dict[str, Any]:
     }
 
 
+BLOCK_SEEDS = {"train": 1, "test": 2}
+
+
+def block_pattern() -> np.ndarray:
+    """The uninformative block of ``block-digits``: an 8x8 square ring (value 1 on the border of the
+    central 6x6 square, 0 elsewhere), the same in every image."""
+    p = np.zeros((8, 8), dtype=np.float32)
+    p[1:7, 1:7] = 1.0
+    p[2:6, 2:6] = 0.0
+    return p
+
+
+BLOCK_PATTERN = block_pattern()
+
+
+@functools.cache
+def _block_digits_arrays() -> dict[str, Any]:
+    base = _digits_arrays()
+    out: dict[str, Any] = {k: base[k] for k in ("classes", "feature_names", "mean", "std")}
+    for split in SPLITS:
+        x, y = base[split]
+        n = x.shape[0]
+        sides = np.random.default_rng(BLOCK_SEEDS[split]).integers(0, 2, size=n)
+        images = np.empty((n, 1, 8, 16), dtype=np.float32)
+        masks = np.zeros((n, 1, 8, 16), dtype=np.float32)
+        for side in (0, 1):
+            rows = sides == side
+            digit, other = slice(8 * side, 8 * side + 8), slice(8 - 8 * side, 16 - 8 * side)
+            images[rows, :, :, digit] = x[rows]
+            images[rows, :, :, other] = BLOCK_PATTERN
+            masks[rows, :, :, digit] = 1.0
+        out[split] = (images, y)
+        out[f"{split}_masks"] = masks
+        out[f"{split}_sides"] = sides.astype(np.int64)
+    return out
+
+
 _LOADERS = {
+    "block-digits": _block_digits_arrays,
     "breast-cancer": _breast_cancer_arrays,
     "digits": _digits_arrays,
 }
@@ -159,8 +212,8 @@ def dataset(name: str, split: str = "test") -> ZooDataset:
     """Load a bundled dataset split.
 
     Args:
-        name: a name from :func:`datasets` (``"digits"`` or ``"breast-cancer"``), with or
-            without a ``"zoo:"`` prefix.
+        name: a name from :func:`datasets` (``"digits"``, ``"block-digits"`` or
+            ``"breast-cancer"``), with or without a ``"zoo:"`` prefix.
         split: ``"train"`` or ``"test"``; the split is fixed (``test_size=0.3``,
             ``random_state=0``, stratified).
 
@@ -192,4 +245,6 @@ def dataset(name: str, split: str = "test") -> ZooDataset:
         split=split,
         mean=_tensor(arrays["mean"]),
         std=_tensor(arrays["std"]),
+        masks=_tensor(arrays.get(f"{split}_masks")),
+        sides=_tensor(arrays.get(f"{split}_sides")),
     )

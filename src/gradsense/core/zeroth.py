@@ -26,9 +26,18 @@ from torch.func import vmap
 
 from gradsense.core.batching import chunk_size_for, chunks
 
-__all__ = ["ZerothOrderEstimate", "zeroth_order_grad"]
+__all__ = ["ZerothOrderEstimate", "vmap_failure", "zeroth_order_grad"]
 
 Params = dict[str, Tensor]
+
+_VMAP_MARKERS = ("vmap", "batching rule", "batched tensor", "functorch", "data-dependent")
+
+
+def vmap_failure(err: BaseException) -> bool:
+    """Whether ``err`` is ``torch.func.vmap`` refusing an op (then a one-at-a-time loop is the fallback), as
+    opposed to an error of the model itself (which is re-raised, not retried)."""
+    text = str(err).lower()
+    return isinstance(err, NotImplementedError) or any(m in text for m in _VMAP_MARKERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +134,8 @@ def zeroth_order_grad(
                 try:
                     fp, fmi = batched(plus), batched(minus)
                 except (RuntimeError, NotImplementedError) as err:
+                    if not vmap_failure(err):
+                        raise
                     warnings.warn(
                         f"zeroth_order_grad: evaluating the probes under vmap failed ({type(err).__name__}: "
                         f"{str(err)[:100]}); evaluating one probe at a time.",

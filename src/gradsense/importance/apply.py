@@ -194,10 +194,11 @@ def _compact(model: nn.Sequential, masks: Mapping[str, Any]) -> nn.Sequential:
             new_modules[idx] = mod
             in_keep, prev_channels = rows, int(m.weight.shape[0])
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and in_keep is not None:
-            keep = in_keep.to(m.running_mean.device) if m.running_mean is not None else in_keep
+            ref = m.weight if m.affine else m.running_mean
+            keep = in_keep.to(ref.device) if ref is not None else in_keep
             bn = type(m)(int(keep.sum()), eps=m.eps, momentum=m.momentum, affine=m.affine,
-                         track_running_stats=m.track_running_stats)
-            bn = bn.to(device=keep.device)
+                         track_running_stats=m.track_running_stats,
+                         device=keep.device, dtype=ref.dtype if ref is not None else None)
             with torch.no_grad():
                 if m.affine:
                     bn.weight.copy_(m.weight.detach()[keep])
@@ -206,7 +207,6 @@ def _compact(model: nn.Sequential, masks: Mapping[str, Any]) -> nn.Sequential:
                     bn.running_mean.copy_(m.running_mean[keep])
                     bn.running_var.copy_(m.running_var[keep])
                     bn.num_batches_tracked.copy_(m.num_batches_tracked)
-            bn = bn.to(dtype=m.weight.dtype if m.affine else m.running_mean.dtype)
             bn.train(m.training)
             new_modules[idx] = bn
     out = nn.Sequential(*new_modules)

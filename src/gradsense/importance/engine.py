@@ -30,6 +30,7 @@ from torch.func import grad, vmap
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import FunctionalModel, ParamSpec, check_model, functional, select_parameters
+from gradsense.core.zeroth import vmap_failure
 from gradsense.importance.structures import LINEAR_TYPES, UnitGroup, layer_of, unit_scores
 
 __all__ = [
@@ -235,6 +236,8 @@ class Context:
                     try:
                         g = fn(self.params, x[sl], ys)
                     except (RuntimeError, NotImplementedError) as err:
+                        if not vmap_failure(err):
+                            raise
                         warnings.warn(
                             f"per-example gradients under vmap failed ({type(err).__name__}: {str(err)[:100]}); "
                             "computing one example at a time.",

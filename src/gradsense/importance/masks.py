@@ -90,6 +90,7 @@ def unstructured_masks(
     *,
     floor: int | float = 0,
     counts: Mapping[str, int] | None = None,
+    cap: bool = False,
 ) -> dict[str, Tensor]:
     """Unstructured masks from element scores.
 
@@ -99,6 +100,7 @@ def unstructured_masks(
         scope: ``"global"`` (one ranking of all weights) or ``"layer"`` (each tensor on its own).
         floor: Global scope only: weights (int) or fraction (float) every tensor keeps at least.
         counts: ``{name: weights to remove}`` per tensor (overrides ``sparsity`` for ``scope="layer"``).
+        cap: Remove at most what the floor leaves instead of raising.
 
     Returns:
         ``{name: bool mask}``.
@@ -131,6 +133,8 @@ def unstructured_masks(
                 reserved[pos + top] = True
             pos += f.numel()
     candidates = torch.nonzero(~reserved).reshape(-1)
+    if cap:
+        r = min(r, candidates.numel())
     if r > candidates.numel():
         raise ValueError(
             f"floor={floor!r} reserves {int(reserved.sum())} of {total} weights, so sparsity {sparsity} "
@@ -175,7 +179,8 @@ def nm_masks(scores: Mapping[str, Tensor], n_keep: int, group: int) -> dict[str,
 
 
 def unit_keep(unit_scores: Mapping[str, Tensor], sparsity: float, scope: str) -> dict[str, Tensor]:
-    """Which units stay (``{group: (size,) bool}``); every group keeps at least one unit.
+    """Which units stay (``{group: (size,) bool}``); every group keeps at least one unit (globally, fewer than
+    ``round(s * n)`` go when that would empty a layer; the result's ``achieved`` says how many).
 
     Raises:
         ValueError: If the sparsity would remove every unit of a layer.
@@ -193,7 +198,7 @@ def unit_keep(unit_scores: Mapping[str, Tensor], sparsity: float, scope: str) ->
             out[k] = keep
         return out
     return {k: v.reshape(-1) for k, v in unstructured_masks(
-        {k: unit_scores[k].reshape(-1) for k in names}, sparsity, "global", floor=1).items()}
+        {k: unit_scores[k].reshape(-1) for k in names}, sparsity, "global", floor=1, cap=True).items()}
 
 
 def exact_counts(sizes: Mapping[str, int], ratios: Mapping[str, float], total: int,

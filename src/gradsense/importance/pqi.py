@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from gradsense.core.zeroth import vmap_failure
 from gradsense.importance.bits import check_bits, quantize
 from gradsense.importance.engine import Context, MethodOutput, aggregate
 from gradsense.importance.structures import UnitGroup
@@ -62,6 +63,8 @@ def pqi(ctx: Context, granularity: str, groups: list[UnitGroup], *, bits: int = 
             try:
                 g = batched(points, x, y)
             except (RuntimeError, NotImplementedError) as err:
+                if not vmap_failure(err):
+                    raise
                 warnings.warn(f"gradients along the path under vmap failed ({type(err).__name__}: {str(err)[:100]}); "
                               "computing one point at a time.", RuntimeWarning, stacklevel=2)
                 use_vmap = False

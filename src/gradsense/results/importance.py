@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -372,3 +372,7 @@ class SweepResult(Result):
                                 "xlabel": "sparsity", "ylabel": ylabel, "logy": what == "loss"}
         opts.update(kwargs)
         return line_chart(x, series, **opts)
+
+
+Mapping.register(PruneResult)
+Mapping.register(BitsResult)

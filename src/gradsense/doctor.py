@@ -18,13 +18,17 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import estimate_example_bytes
-from gradsense.core.functional import check_model, model_fingerprint, preserve_model
+from gradsense.core.functional import (
+    check_model,
+    describe_training,
+    model_fingerprint,
+    preserve_model,
+    training_stochastic_layers,
+)
 from gradsense.results.base import Result
 
 __all__ = ["DoctorResult", "doctor"]
 
-_BN = nn.modules.batchnorm._BatchNorm
-_DROPOUT = (nn.modules.dropout._DropoutNd, nn.Dropout)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -122,8 +126,7 @@ def doctor(
         legrad_ok, legrad_why = False, str(err).split(";")[0][:90]
     has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     has_embedding = any(isinstance(m, nn.Embedding) for m in model.modules())
-    has_bn = any(isinstance(m, _BN) for m in model.modules())
-    has_dropout = any(isinstance(m, _DROPOUT) for m in model.modules())
+    training_layers = training_stochastic_layers(model)
     analyses: dict[str, tuple[bool, str]] = {
         "gradient attribution": (True, "Saliency, Input x Gradient, SmoothGrad, Integrated Gradients"),
         "CAM family": (
@@ -136,9 +139,8 @@ def doctor(
                          "nn.MultiheadAttention does not expose its maps as a module output"),
         "token attribution": (has_embedding, "an nn.Embedding layer" if has_embedding else "no embedding layer"),
         "per-example gradients": (
-            not (model.training and (has_bn or has_dropout)),
-            "BatchNorm/Dropout in train mode: call model.eval()" if model.training and (has_bn or has_dropout)
-            else "vmap over examples",
+            not training_layers,
+            f"{describe_training(training_layers)}: call model.eval()" if training_layers else "vmap over examples",
         ),
         "curvature / landscape / importance": (n_params > 0, f"{n_params:,} parameters"),
     }

@@ -178,7 +178,7 @@ def test_a_model_with_zero_gradient_warns():
 def test_train_mode_with_dropout_warns(dropout_mlp):
     dropout_mlp.train()
     with assert_model_unchanged(dropout_mlp):
-        with pytest.warns(UserWarning, match="train mode and has BatchNorm/Dropout"):
+        with pytest.warns(UserWarning, match="BatchNorm/Dropout in train mode"):
             gs.attribute(dropout_mlp, torch.randn(3, 4, dtype=torch.float64), target=0)
 
 
@@ -225,10 +225,14 @@ def test_the_callers_model_is_unchanged_when_the_forward_raises_midway(mlp, fail
             raise RuntimeError("forward failed")
         return mlp(z)
 
+    # the first forward's error comes back as a ValueError naming the inputs (the original chained)
+    expected = ValueError if fail_at == 1 else RuntimeError
     with assert_model_unchanged(mlp):
-        with pytest.raises(RuntimeError, match="forward failed"):
+        with pytest.raises(expected, match="forward failed") as info:
             Saliency(mlp, forward=forward).attribute(torch.randn(3, 4, dtype=torch.float64), "predicted")
     assert len(calls) == fail_at
+    if fail_at == 1:
+        assert "inputs of shape (3, 4)" in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
 
 
 @pytest.mark.parametrize(

@@ -200,7 +200,7 @@ def test_per_example_grads_refuse_train_mode(which, bn_cnn, dropout_mlp):
     )
     model.train()
     with assert_model_unchanged(model):
-        with pytest.raises(ValueError, match=r"train mode and has BatchNorm/Dropout.*model\.eval\(\)"):
+        with pytest.raises(ValueError, match=r"BatchNorm/Dropout in train mode.*model\.eval\(\)"):
             per_example_grads(model, F.cross_entropy, x, torch.zeros(4, dtype=torch.long))
 
 

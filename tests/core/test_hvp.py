@@ -282,7 +282,7 @@ def test_operator_refuses_train_mode_batchnorm(cnn_case):
     c = cnn_case
     c.model.train()
     with assert_model_unchanged(c.model):
-        with pytest.raises(ValueError, match=r"train mode and has BatchNorm/Dropout.*model\.eval\(\)"):
+        with pytest.raises(ValueError, match=r"BatchNorm/Dropout in train mode.*model\.eval\(\)"):
             CurvatureOperator(c.model, F.cross_entropy, (c.x, c.y))
 
 

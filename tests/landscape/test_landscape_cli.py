@@ -59,3 +59,29 @@ def test_bad_input_is_one_clean_line(run, args, match):
 def test_unknown_model_is_a_clean_error(run):
     r = run("--model", "zoo:nope", "--dataset", "digits", "--steps", "3")
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_hessian_directions_from_the_cli(run):
+    r = run("--model", "zoo:breast-cancer-mlp", "--dataset", "breast-cancer", "--n", "64", "--steps", "3",
+            "--directions", "hessian", "--no-sharpness")
+    assert r.exit_code == 0, r.output
+    assert "hessian" in r.output
+
+
+def test_a_second_command_adds_to_the_same_run_folder(run, tmp_path):
+    from gradsense.cli.hessian import hessian_cmd
+
+    out = tmp_path / "run"
+    r = run("--model", "zoo:digits-cnn", "--dataset", "digits", "--n", "16", "--steps", "3", "--dims", "1",
+            "--no-sharpness", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(hessian_cmd, ["--model", "zoo:digits-cnn", "--dataset", "digits", "--n", "16", "--k", "1",
+                                         "--steps", "5", "--probes", "1", "--rtol", "0.2", "--out", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [e["name"] for e in manifest["results"]] == ["surface", "hessian-eigenvalues", "hessian-trace",
+                                                         "hessian-density"]
+    html = (out / "report.html").read_text()
+    assert "loss surface" in html.lower() and "Hessian eigenvalues" in html
+    assert html.count("data:image/png;base64") == 4  # the surface's figure and the three curvature figures

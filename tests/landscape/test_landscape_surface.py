@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import gradsense
 import gradsense.losses as losses
 from gradsense.landscape import LossEvaluator, grid_axis, loss_surface
 from helpers import assert_model_unchanged
@@ -249,12 +248,6 @@ def test_hessian_axes_are_the_top_eigenvectors_and_follow_the_quadratic():
     a, b = torch.meshgrid(s.alphas, s.betas, indexing="ij")
     l1, l2 = evals[-1], evals[-2]
     torch.testing.assert_close(s.losses, loss0 + 0.5 * (a**2 * l1 + b**2 * l2), rtol=1e-6, atol=1e-9)
-
-
-def test_hessian_directions_need_curvature_hessian_eigs(monkeypatch, mlp_case):
-    monkeypatch.delattr(gradsense.curvature, "hessian_eigs")
-    with pytest.raises(ImportError, match="hessian_eigs"):
-        loss_surface(mlp_case.model, losses.cross_entropy, (mlp_case.x, mlp_case.y), steps=3, directions="hessian")
 
 
 # ------------------------------------------------------------------------------------------ bad input

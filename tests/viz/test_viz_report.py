@@ -254,12 +254,12 @@ def test_write_creates_parents_and_leaves_no_temp_files(tmp_path):
     text = path.read_text(encoding="utf-8")
     assert text.startswith("<!DOCTYPE html>") and text.rstrip().endswith("</html>")
     assert text.count("<section") == len(report) == 4
-    assert sorted(os.listdir(path.parent)) == ["report.html"]
+    assert sorted(os.listdir(path.parent)) == ["report.html", "report.json"]  # the page and its sections
     # writing again replaces the file whole
     small = Report("second")
     small.write(path)
     assert "<h1>second</h1>" in path.read_text(encoding="utf-8")
-    assert sorted(os.listdir(path.parent)) == ["report.html"]
+    assert sorted(os.listdir(path.parent)) == ["report.html", "report.json"]
 
 
 def test_interrupted_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -274,4 +274,35 @@ def test_interrupted_write_keeps_old_file_and_leaves_no_temp(tmp_path, monkeypat
     with pytest.raises(OSError, match="disk full"):
         Report("new").write(path)
     assert path.read_text(encoding="utf-8") == old
-    assert os.listdir(tmp_path) == ["report.html"]
+    assert sorted(os.listdir(tmp_path)) == ["report.html", "report.json"]
+
+
+# --------------------------------------------------------------------------------------- adding to a page
+def test_extend_keeps_other_sources_and_replaces_its_own(tmp_path, parse_html):
+    path = tmp_path / "report.html"
+    first = Report.extend(path, "first run", source="attribute")
+    first.add_section(f"Saliency {HOSTILE}", text="a", figures=bar_chart(["a"], [1.0]))
+    first.write(path)
+
+    second = Report.extend(path, "ignored: the page has sections", source="hessian")
+    second.add_section("Hessian", text="b")
+    second.write(path)
+    html = path.read_text(encoding="utf-8")
+    titles = [el.text for el in parse_html(html) if el.tag == "h2"][1:]  # after "Contents"
+    assert titles == [f"Saliency {HOSTILE}", "Hessian"]
+    assert "<h1>first run</h1>" in html and html.count("data:image/png;base64,") == 1
+
+    again = Report.extend(path, "x", source="attribute")  # the same command again: its section is replaced
+    again.add_section("Saliency, second run")
+    again.write(path)
+    titles = [el.text for el in parse_html(path.read_text(encoding="utf-8")) if el.tag == "h2"][1:]
+    assert titles == ["Hessian", "Saliency, second run"]
+    assert "data:image/png;base64," not in path.read_text(encoding="utf-8")
+
+
+def test_extend_of_a_missing_or_broken_store(tmp_path):
+    path = tmp_path / "report.html"
+    assert len(Report.extend(path, "new", source="x")) == 0
+    path.with_suffix(".json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="report.json"):
+        Report.extend(path, "new", source="x")

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory
-from gradsense.core.checks import check_inputs
+from gradsense.core.checks import check_inputs, explain_model_errors
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients, warn_if_train_mode
 from gradsense.core.targets import Target, TargetLike, _output_tensor, as_target
@@ -185,9 +185,11 @@ class Attribution:
                     cache["out"] = self._outputs(inputs.detach())
                 return cache["out"]
 
-            resolved = as_target(target, n, predict=outputs)
-            with torch.no_grad():  # the target's shape checks need an output, not all of them
-                resolved.validate(cache["out"] if "out" in cache else _output_tensor(self._run(inputs[:2].detach())), n)
+            with explain_model_errors(inputs, self.name, self.model):  # the first forward: wrong shapes are named here
+                resolved = as_target(target, n, predict=outputs)
+                with torch.no_grad():  # the target's shape checks need an output, not all of them
+                    first = cache["out"] if "out" in cache else _output_tensor(self._run(inputs[:2].detach()))
+            resolved.validate(first, n)
             attributions, extra = self._compute(
                 inputs.detach(), resolved, torch.arange(n, device=inputs.device), n
             )

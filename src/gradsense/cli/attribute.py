@@ -105,7 +105,7 @@ def attribute_cmd(
         run = RunFolder(out)
         run.save_result(result, name)
         run.save_figure(result.plot(), name)
-        report = Report(f"gradsense attribute: {model_spec}")
+        report = Report.extend(Path(out) / "report.html", f"gradsense attribute: {model_spec}", source=f"attribute:{name}")
         report.add_result(result)
         path = report.write(Path(out) / "report.html")
         console.print(f"wrote {path}")

@@ -46,6 +46,42 @@ def _step(msg: str) -> None:
     console.print(f"[bold]>[/] {msg}")
 
 
+def _curvature_sections(run: Any, report: Any, model: Any, data: Any) -> None:
+    """Hessian spectrum, trace, per-layer traces and a 2-D loss surface of the CNN on 256 test digits."""
+    import gradsense as gs
+
+    xs, ys = data[:256]
+    loss = gs.losses.cross_entropy
+    n = f"{len(xs)} test digits"
+
+    _step("curvature: Hessian eigenvalues, trace and density (zoo:digits-cnn)")
+    eigs = gs.hessian_eigs(model, loss, (xs, ys), k=3, seed=0, name="zoo:digits-cnn")
+    trace = gs.hessian_trace(model, loss, (xs, ys), rtol=0.02, per="layer", seed=0, name="zoo:digits-cnn")
+    density = gs.spectral_density(model, loss, (xs, ys), steps=40, probes=2, seed=0, name="zoo:digits-cnn")
+    for name, res in (("hessian-eigenvalues", eigs), ("hessian-trace", trace), ("hessian-density", density)):
+        run.save_result(res, name)
+    report.add_result(eigs, title="Curvature: the sharpest directions", text=(
+        f"Top Hessian eigenvalues of the mean cross-entropy over {n}, by thick-restart Lanczos stopped on "
+        f"the Ritz residual ({eigs.n_hvp} Hessian-vector products). The gradient's overlap with their span "
+        "(Gur-Ari et al. 2018) says how much of the gradient lives in this tiny subspace."))
+    report.add_result(trace, title="Curvature: where the curvature sits (per-layer trace)", text=(
+        f"Hutch++ trace with its standard error ({trace.n_hvp} products), split into each layer's Tr(H_l); "
+        "Tr(H_l)/n_l is HAWQ-V2's per-parameter sensitivity, the basis of mixed-precision choices."))
+    report.add_result(density, title="Curvature: eigenvalue density", text=(
+        "Stochastic Lanczos quadrature (Ghorbani et al. 2019), Gaussian-broadened, on a log scale: a bulk "
+        "near zero and a few outliers, the usual shape of a trained network's Hessian."))
+
+    _step("landscape: 2-D loss surface and sharpness (zoo:digits-cnn)")
+    surface = gs.loss_surface(model, loss, (xs, ys), steps=15, seed=0, name="zoo:digits-cnn")
+    run.save_result(surface, "landscape-surface")
+    sam = gs.sharpness(model, loss, (xs, ys), rho=0.05, kind="sam", seed=0, name="zoo:digits-cnn")
+    run.save_result(sam, "landscape-sharpness-sam")
+    report.add_result(surface, title="Landscape: the loss around the model", text=(
+        f"Loss over {n} on a 15x15 plane through the model along two filter-normalised random directions "
+        f"(Li et al. 2018). SAM sharpness at rho=0.05 (Foret et al. 2021): {sam.value:.4g}, from "
+        f"{sam.n_grad} gradient and {sam.n_loss} loss evaluations."))
+
+
 def run_demo(out: Path, n_examples: int = 6, text: bool = True) -> Path:
     """Build the demo run folder and report; return the report's path."""
     import torch
@@ -59,7 +95,7 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True) -> Path:
 
     t0 = time.perf_counter()
     run = RunFolder(out)
-    report = Report("gradsense demo: what are the bundled models sensitive to?")
+    report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo")
     model = gs.zoo.load("digits-cnn")
     data = gs.zoo.dataset("digits", split="test")
     x, y = data[:n_examples]
@@ -101,6 +137,8 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True) -> Path:
         table=(["method", "what it is", "seconds", "max |completeness gap|", "path steps"], rows),
         figures=[("digits x methods", grid)],
     )
+
+    _curvature_sections(run, report, model, data)
 
     if "legrad" in METHODS:
         _step("LeGrad on the tiny ViT")

@@ -100,7 +100,8 @@ def hessian_cmd(
         from gradsense.viz.report import Report
 
         run = RunFolder(out)
-        report = Report(f"gradsense hessian: {model_spec} on {len(x)} {dataset} examples ({split})")
+        report = Report.extend(Path(out) / "report.html",
+                               f"gradsense hessian: {model_spec} on {len(x)} {dataset} examples ({split})", source="hessian")
         for name, res in (("eigenvalues", eigs), ("trace", trace), ("density", density)):
             run.save_result(res, f"hessian-{name}")
             run.save_figure(res.plot(), f"hessian-{name}")

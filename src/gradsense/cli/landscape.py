@@ -85,7 +85,7 @@ def landscape_cmd(
         from gradsense.viz.report import Report
 
         run = RunFolder(out)
-        report = Report(f"gradsense landscape: {model_spec}")
+        report = Report.extend(Path(out) / "report.html", f"gradsense landscape: {model_spec}", source="landscape")
         texts = {"surface": (
             f"The loss of {model_spec} on {x.shape[0]} {split} examples of {dataset}, on a {dims}-D grid through the "
             f"model along {directions} directions (span ±{span}). The cross marks the model, the star the lowest "

@@ -90,7 +90,8 @@ def iterate(data: DataLike, *, batch_size: int = 256) -> Iterator[tuple[Tensor, 
         batch_size: Batch size used for tensors and Datasets (a DataLoader keeps its own).
 
     Raises:
-        ValueError: If ``data`` is empty.
+        ValueError: If ``data`` is empty, or its inputs hold NaN/Inf (tensor data: before the first batch;
+            a Dataset or DataLoader: at the batch that holds them).
         TypeError: If ``data`` has an unsupported type.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -101,6 +102,7 @@ def iterate(data: DataLike, *, batch_size: int = 256) -> Iterator[tuple[Tensor, 
     rank, size = world()
     if isinstance(data, (Tensor, tuple, list)):
         x, y = (data, None) if isinstance(data, Tensor) else _check_pair(data)
+        _check_finite(x, "data")
         for start in range(rank * batch_size, n, batch_size * size):
             stop = min(start + batch_size, n)
             yield x[start:stop], (None if y is None else y[start:stop])
@@ -108,7 +110,15 @@ def iterate(data: DataLike, *, batch_size: int = 256) -> Iterator[tuple[Tensor, 
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
     for i, item in enumerate(loader):
         if i % size == rank:
-            yield _split_item(item)
+            x, y = _split_item(item)
+            _check_finite(x, f"batch {i} of data")
+            yield x, y
+
+
+def _check_finite(x: Tensor, what: str) -> None:
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        n_bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{what} holds {n_bad} NaN/Inf input values; clean or impute them first.")
 
 
 def materialize(data: DataLike, *, batch_size: int = 256) -> tuple[Tensor, Tensor | None]:

@@ -65,6 +65,37 @@ _HOOK_ATTRS = (
 )
 
 
+#: Layers whose output in train mode depends on the batch (BatchNorm) or on randomness (Dropout).
+STOCHASTIC_LAYERS: tuple[type[nn.Module], ...] = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def training_stochastic_layers(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm/Dropout modules of ``model`` that are in train mode (``""`` is the root).
+
+    Looks at every module, not only the root: ``model.eval(); model.bn.train()`` has one such layer.
+
+    Args:
+        model: Any module.
+
+    Returns:
+        The names, in ``named_modules()`` order; empty when the model's output depends on neither the
+        batch nor randomness.
+    """
+    return [n for n, m in model.named_modules() if m.training and isinstance(m, STOCHASTIC_LAYERS)]
+
+
+def describe_training(layers: list[str], limit: int = 3) -> str:
+    """``"BatchNorm/Dropout in train mode (bn1, drop)"`` for the names from :func:`training_stochastic_layers`."""
+    shown = ", ".join(n or "<root>" for n in layers[:limit])
+    more = f" and {len(layers) - limit} more" if len(layers) > limit else ""
+    return f"BatchNorm/Dropout in train mode ({shown}{more})"
+
+
+def any_module_training(model: nn.Module) -> bool:
+    """True when ``model`` or any submodule is in train mode (its forwards may then update buffers)."""
+    return any(m.training for m in model.modules())
+
+
 def check_model(model: Any) -> nn.Module:
     """Raise a clear ``TypeError`` unless ``model`` is an ``nn.Module``; return it."""
     if not isinstance(model, nn.Module):
@@ -343,7 +374,7 @@ class ModelState:
 def preserve_model(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.Module]:
     """Use ``model`` inside the block and leave its flags, hooks and buffers exactly as they were.
 
-    Buffers are copied back only for a model in train mode (where forwards update BatchNorm
+    Buffers are copied back only when some module is in train mode (where forwards update BatchNorm
     statistics); an eval-mode forward does not change them.
 
     Args:
@@ -355,7 +386,7 @@ def preserve_model(model: nn.Module, *, eval_mode: bool = False) -> Iterator[nn.
     """
     state = ModelState.capture(model)
     # in train mode, forwards update BatchNorm running statistics: keep a copy to put back
-    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if model.training else None
+    saved = {n: b.detach().clone() for n, b in model.named_buffers()} if any_module_training(model) else None
     try:
         if eval_mode:
             model.eval()

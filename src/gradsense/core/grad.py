@@ -23,21 +23,25 @@ from torch.func import grad, vmap
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
 from gradsense.core.checks import check_inputs
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
-from gradsense.core.functional import ParamSpec, check_model, functional
+from gradsense.core.functional import (
+    ParamSpec,
+    check_model,
+    describe_training,
+    functional,
+    training_stochastic_layers,
+)
 from gradsense.core.targets import Batch, Target
 
 __all__ = ["input_gradients", "loss_gradient", "per_example_grads", "warn_if_train_mode"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
-_STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
-
-
 def warn_if_train_mode(model: nn.Module, what: str) -> None:
     """Warn when ``model`` is in train mode and has BatchNorm/Dropout (results then depend on the batch)."""
-    if model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules()):
+    layers = training_stochastic_layers(model)
+    if layers:
         warnings.warn(
-            f"{what}: the model is in train mode and has BatchNorm/Dropout, so results depend on the "
+            f"{what}: {describe_training(layers)}, so results depend on the "
             "batch and on randomness. Call model.eval() first unless that is what you want.",
             UserWarning,
             stacklevel=3,
@@ -166,9 +170,10 @@ def per_example_grads(
     if not isinstance(labels, Tensor) or labels.shape[0] != inputs.shape[0]:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a tensor with one row per input ({inputs.shape[0]}), got {got}.")
-    if model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules()):
+    layers = training_stochastic_layers(model)
+    if layers:
         raise ValueError(
-            "per_example_grads: the model is in train mode and has BatchNorm/Dropout, whose output for one "
+            f"per_example_grads: {describe_training(layers)}, whose output for one "
             "example depends on the batch or on randomness. Call model.eval() first."
         )
     fm = functional(model, params)
@@ -213,9 +218,10 @@ def loss_gradient(
         ``{name: gradient}``.
     """
     check_model(model)
-    if model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules()):
+    layers = training_stochastic_layers(model)
+    if layers:
         raise ValueError(
-            "loss_gradient: the model is in train mode and has BatchNorm/Dropout, whose output depends on the "
+            f"loss_gradient: {describe_training(layers)}, whose output depends on the "
             "batch or on randomness. Call model.eval() first."
         )
     fm = functional(model, params)

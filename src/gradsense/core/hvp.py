@@ -23,7 +23,16 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
-from gradsense.core.functional import ParamSpec, check_model, flatten, functional, unflatten
+from gradsense.core.functional import (
+    ParamSpec,
+    any_module_training,
+    check_model,
+    describe_training,
+    flatten,
+    functional,
+    training_stochastic_layers,
+    unflatten,
+)
 
 __all__ = ["CurvatureOperator", "hvp"]
 
@@ -99,7 +108,6 @@ def hvp(
         return _hvp_double_backward(f, params, v)
 
 
-_TRAIN_SENSITIVE = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
 
 
 class CurvatureOperator:
@@ -144,14 +152,15 @@ class CurvatureOperator:
             raise ValueError(f"kind must be 'hessian', 'ggn' or 'fisher', got {kind!r}.")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
-        if model.training and not allow_train_mode and any(isinstance(m, _TRAIN_SENSITIVE) for m in model.modules()):
+        layers = training_stochastic_layers(model)
+        if layers and not allow_train_mode:
             raise ValueError(
-                "the model is in train mode and has BatchNorm/Dropout: its curvature would depend on the batch "
-                "and on random masks. Call model.eval() first (or pass allow_train_mode=True)."
+                f"{describe_training(layers)}: the curvature would depend on the batch and on random masks. "
+                "Call model.eval() first (or pass allow_train_mode=True)."
             )
         self.model, self.loss_fn, self.kind, self.method = model, loss_fn, kind, method
         fm = functional(model, params)
-        if model.training:  # train-mode BatchNorm would update the caller's running statistics
+        if any_module_training(model):  # train-mode BatchNorm would update the caller's running statistics
             fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
         self.fm = fm
         self.params: Params = self.fm.params

@@ -116,8 +116,12 @@ def spectral_density(
     Raises:
         TypeError: ``model`` is not an nn.Module, ``loss_fn`` is not callable, or a bad ``seed``.
         ValueError: Bad ``steps``/``probes``/``sigma``/``grid_points``, ``params`` that select nothing, a
-            train-mode model with BatchNorm/Dropout, data with no batches, or a ``loss_fn`` that does not
-            return a scalar.
+            train-mode model with BatchNorm/Dropout, data with no batches, a ``loss_fn`` that does not
+            return a scalar, or inputs that do not fit the model or hold NaN/Inf.
+
+    References:
+        Lin, Saad & Yang 2016, *Approximating spectral densities of large matrices*; Ghorbani, Krishnan &
+        Xiao 2019, *An Investigation into Neural Net Optimization via Hessian Eigenvalue Density*.
 
     Example:
         >>> import gradsense as gs

@@ -127,7 +127,14 @@ def hessian_eigs(
         TypeError: ``model`` is not an nn.Module, ``loss_fn`` is not callable, or a bad ``seed``.
         ValueError: ``k`` larger than the parameter count, a bad ``which``/``tol``, ``params`` that select
             nothing, a train-mode model with BatchNorm/Dropout, data with no batches, or a ``loss_fn``
-            that does not return a scalar.
+            that does not return a scalar; inputs that do not fit the model, or hold NaN/Inf.
+        FloatingPointError: NaN/Inf in the Hessian-vector products (a diverged model or loss).
+
+    References:
+        Lanczos 1950, *An iteration method for the solution of the eigenvalue problem of linear
+        differential and integral operators*; Wu & Simon 2000, *Thick-restart Lanczos method for large
+        symmetric eigenvalue problems*; Gur-Ari, Roberts & Dyer 2018, *Gradient Descent Happens in a Tiny
+        Subspace* (the gradient overlap).
 
     Example:
         >>> import gradsense as gs

@@ -27,6 +27,7 @@ from gradsense.core.batching import (
     default_budget,
     estimate_example_bytes,
 )
+from gradsense.core.checks import check_scalar_loss, draw_seed, explain_model_errors
 from gradsense.core.distributed import DataLike, all_reduce_sum
 from gradsense.core.functional import ParamSpec, check_model, select_parameters
 from gradsense.core.hvp import CurvatureOperator
@@ -52,22 +53,6 @@ PerSpec = Union[None, Literal["layer", "block", "parameter"], Mapping[str, Param
 - ``"parameter"``: one group per parameter tensor;
 - a mapping ``{group name: ParamSpec}`` of your own (groups may overlap).
 """
-
-
-def draw_seed(seed: int | None) -> int:
-    """The seed to use: ``seed`` itself, or one drawn from torch's global RNG when ``None``.
-
-    Drawing from the global RNG keeps ``torch.manual_seed`` reproducibility; the seed is recorded in the
-    result so that a run can be repeated exactly.
-
-    Raises:
-        TypeError: If ``seed`` is not an int or None.
-    """
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}.")
-    return seed
 
 
 # ------------------------------------------------------------------------------------------ groups
@@ -151,16 +136,9 @@ def _check_loss(op: CurvatureOperator) -> None:
             "data yielded no batches (a DataLoader with drop_last=True and a batch larger than the dataset?)."
         )
     x, y = first
-    with torch.no_grad():
+    with torch.no_grad(), explain_model_errors(x, "curvature", op.model):
         value = op.loss_fn(op.fm(op.params, x), y)
-    if not isinstance(value, Tensor) or value.ndim != 0:
-        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"loss_fn must return a scalar (a 0-d tensor, the batch mean), got {got}. "
-            "Use reduction='mean' or call .mean() on a per-example loss."
-        )
-    if not value.is_floating_point():
-        raise ValueError(f"loss_fn must return a floating-point scalar, got dtype {value.dtype}.")
+    check_scalar_loss(value)
 
 
 def operator(

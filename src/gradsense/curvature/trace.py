@@ -79,7 +79,13 @@ def hessian_trace(
     Raises:
         TypeError: ``model`` is not an nn.Module, ``loss_fn`` is not callable, or a bad ``seed``.
         ValueError: Bad ``rtol``/``method``/``max_hvp``, ``params`` that select nothing, a train-mode model
-            with BatchNorm/Dropout, data with no batches, or a ``loss_fn`` that does not return a scalar.
+            with BatchNorm/Dropout, data with no batches, a ``loss_fn`` that does not return a scalar, or
+            inputs that do not fit the model or hold NaN/Inf.
+
+    References:
+        Meyer, Musco, Musco & Woodruff 2021, *Hutch++: Optimal Stochastic Trace Estimation*; Hutchinson
+        1989, *A stochastic estimator of the trace of the influence matrix*; Dong et al. 2020, *HAWQ-V2:
+        Hessian Aware trace-Weighted Quantization* (per-layer ``Tr(H_l)/n_l``).
 
     Example:
         >>> import gradsense as gs

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gradsense.core.checks import draw_seed
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, check_model, select_parameters
 
@@ -46,22 +47,6 @@ __all__ = [
 Params = dict[str, Tensor]
 Normalization = Literal["filter", "layer"]
 _NORMALIZATIONS = ("filter", "layer")
-
-
-def draw_seed(seed: int | None) -> int:
-    """The seed to use: ``seed`` itself, or one drawn from torch's global RNG when ``None``.
-
-    Drawing from the global RNG keeps ``torch.manual_seed`` reproducibility, and the drawn seed is
-    recorded in the result so the run can be repeated exactly.
-
-    Raises:
-        TypeError: If ``seed`` is not an int or None.
-    """
-    if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}.")
-    return seed
 
 
 def _is_bias_like(t: Tensor) -> bool:
@@ -82,9 +67,9 @@ def filter_normalize(
         reference: The model's parameters (the point the direction starts from).
         normalization: ``"filter"`` (each slice along the first dimension of a tensor with two or more
             dimensions; Li et al. 2018) or ``"layer"`` (each tensor as a whole).
-        include_bias_bn: Keep parameters with at most one dimension (biases, BatchNorm/LayerNorm
-            parameters), each rescaled as a whole to the parameter's norm; by default their direction
-            is zero, as in Li et al. 2018.
+        include_bias_bn: Also move parameters with at most one dimension (biases, BatchNorm/LayerNorm
+            parameters): their direction is the parameter itself, as in the paper's code
+            (``net_plotter.normalize_directions_for_weights``, ``d.copy_(w)``); by default it is zero.
 
     Returns:
         A new direction dict. A filter whose reference norm is zero gets a zero direction.
@@ -108,7 +93,7 @@ def filter_normalize(
             if not include_bias_bn:
                 out[name] = torch.zeros_like(d)
                 continue
-            out[name] = _rescale(d.reshape(1, -1), w.reshape(1, -1)).reshape(d.shape)
+            out[name] = w.detach().to(d.dtype).clone()  # net_plotter.py: d.copy_(w) for 1-D parameters
         elif normalization == "layer":
             out[name] = _rescale(d.reshape(1, -1), w.reshape(1, -1)).reshape(d.shape)
         else:
@@ -200,22 +185,13 @@ def hessian_directions(
         ``(directions, eigenvalues)``: a list of ``k`` direction dicts and a ``(k,)`` tensor.
 
     Raises:
-        ImportError: If :mod:`gradsense.curvature` has no ``hessian_eigs``.
+        ValueError: As :func:`gradsense.curvature.hessian_eigs` (e.g. ``k`` larger than the parameter count).
     """
-    try:
-        from gradsense.curvature import hessian_eigs
-    except ImportError as err:
-        raise ImportError(
-            "directions='hessian' needs gradsense.curvature.hessian_eigs (Lanczos), which this install does "
-            "not have; use directions='filter' or pass your own (d1, d2)."
-        ) from err
-    import inspect
+    from gradsense.curvature import hessian_eigs  # the public API of the curvature analysis
 
-    kwargs: dict[str, Any] = {"k": k, "which": "largest", "seed": seed}
+    kwargs: dict[str, Any] = {"k": k, "which": "largest", "seed": seed, "overlap": False}
     if params is not None:
         kwargs["params"] = params
-    if "overlap" in inspect.signature(hessian_eigs).parameters:
-        kwargs["overlap"] = False  # the gradient overlap is not needed here (saves a gradient pass)
     res = hessian_eigs(model, loss_fn, data, **kwargs)
     vectors = [dict(v) for v in res.eigenvectors][:k]
     values = torch.as_tensor(res.eigenvalues).detach().reshape(-1)[:k]

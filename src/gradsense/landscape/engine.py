@@ -25,15 +25,22 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
+from gradsense.core.checks import check_scalar_loss, explain_model_errors
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
-from gradsense.core.functional import ParamSpec, check_model, functional
+from gradsense.core.functional import (
+    ParamSpec,
+    any_module_training,
+    check_model,
+    describe_training,
+    functional,
+    training_stochastic_layers,
+)
 
 __all__ = ["CPU_POINT_CHUNK_BYTES", "CPU_VMAP_MAX_BYTES", "LossEvaluator", "PointLosses", "has_stochastic_layers"]
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Any, Any], Tensor]
 
-_STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
 
 #: On CPU, chunks of grid points are kept below this many bytes (activations of one data batch for every
 #: point of the chunk, plus the stacked parameters): measured on 2 cores, per-point cost grows once a
@@ -48,8 +55,8 @@ CPU_VMAP_MAX_BYTES = 2 * 1024**2
 
 
 def has_stochastic_layers(model: nn.Module) -> bool:
-    """True when ``model`` is in train mode and has BatchNorm or Dropout (results then depend on the batch)."""
-    return model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules())
+    """True when some BatchNorm or Dropout module of ``model`` is in train mode (results depend on the batch)."""
+    return bool(training_stochastic_layers(model))
 
 
 def _logits(output: Any) -> Any:
@@ -114,16 +121,17 @@ class LossEvaluator:
         self.train_mode = has_stochastic_layers(model)
         if self.train_mode and not allow_train_mode:
             raise ValueError(
-                f"{what}: the model is in train mode and has BatchNorm/Dropout, so its loss depends on the batch "
+                f"{what}: {describe_training(training_stochastic_layers(model))}, so its loss depends on the batch "
                 "and on random masks. Call model.eval() first (or pass allow_train_mode=True to evaluate the "
                 "train-mode function one point at a time)."
             )
         self.model, self.loss_fn, self.what, self.seed = model, loss_fn, what, seed
         fm = functional(model, params)
-        if model.training:  # a train-mode BatchNorm would update the running statistics it is given
+        if any_module_training(model):  # a train-mode BatchNorm would update the running statistics it is given
             fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
         self.fm = fm
         self.batches = list(iterate(data, batch_size=batch_size))
+        self._check_first_batch()
         self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
         self._has_accuracy: bool | None = None
         self._bytes_per_example: int | None = None
@@ -158,6 +166,16 @@ class LossEvaluator:
         ):
             return (logits.argmax(-1) == y).sum()
         return None
+
+    def _check_first_batch(self) -> None:
+        """One forward of the first batch: inputs that fit the model and a scalar loss, before any work."""
+        batch, labels = self.batches[0]
+        x, y = batch, labels
+        if not self.train_mode:  # two rows say as much as the batch (train-mode BatchNorm needs the batch)
+            x, y = batch[:2], None if labels is None else labels[:2]
+        with torch.no_grad(), self._rng(), explain_model_errors(batch, self.what, self.model):
+            value = self.loss_fn(self.fm(self.fm.params, x), y)
+        check_scalar_loss(value)
 
     def loss_at(self, values: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
         """Loss and accuracy at one point, by the plain (unbatched) forward.

@@ -16,19 +16,35 @@ __all__ = ["RunFolder"]
 class RunFolder:
     """A folder collecting the results, figures and report of one run, with a manifest.
 
+    Opening a folder that already has a manifest adds to it: results saved earlier stay listed, and a
+    result saved again under the same name replaces its entry.
+
     Args:
         path: The folder (created if missing).
+
+    Raises:
+        ValueError: If an existing ``manifest.json`` cannot be read.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict[str, Any]] = []
+        self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        manifest = self.path / "manifest.json"
+        if manifest.is_file():
+            try:
+                old = json.loads(manifest.read_text(encoding="utf-8"))
+                self.entries = [dict(e) for e in old["results"]]
+                self.created = str(old.get("created", self.created))
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"cannot read {manifest}: {err}; delete it or use another folder.") from err
 
     def save_result(self, result: Result, name: str) -> Path:
-        """Save ``result`` under ``NAME/`` and list it in the manifest."""
+        """Save ``result`` under ``NAME/`` and list it in the manifest (replacing an entry of that name)."""
         out = result.save(self.path / name)
-        self.entries.append({"name": name, "type": type(result).__name__, "method": result.method, "path": name})
+        entry = {"name": name, "type": type(result).__name__, "method": result.method, "path": name}
+        self.entries = [e for e in self.entries if e.get("name") != name] + [entry]
         self._write_manifest()
         return out
 
@@ -41,5 +57,6 @@ class RunFolder:
         return atomic_write_bytes(self.path / "figures" / f"{name}.png", buf.getvalue())
 
     def _write_manifest(self) -> None:
-        manifest = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions(), "results": self.entries}
+        manifest = {"created": self.created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": versions(), "results": self.entries}
         atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=2))

@@ -82,6 +82,23 @@ class _Section:
     paragraphs: list[str]
     table: _Table | None
     images: list[_Image]
+    source: str | None = None  # the command that added it (sections of one source are replaced together)
+
+
+def _section_from_json(d: Mapping[str, Any]) -> _Section:
+    table = d.get("table")
+    return _Section(
+        title=str(d["title"]),
+        anchor=str(d["anchor"]),
+        level=int(d["level"]),
+        paragraphs=[str(p) for p in d["paragraphs"]],
+        table=None if table is None else _Table(
+            [str(h) for h in table["header"]], [[(str(t), bool(num)) for t, num in row] for row in table["rows"]]
+        ),
+        images=[_Image(str(i["data_uri"]), int(i["width"]), int(i["height"]), i["caption"], str(i["alt"]))
+                for i in d["images"]],
+        source=d.get("source"),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,6 +111,10 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+
+
+def _store_path(path: str | os.PathLike[str]) -> Path:
+    return Path(path).with_suffix(".json")
 
 
 def _paragraphs(text: str | None) -> list[str]:
@@ -144,14 +165,55 @@ class Report:
         True
     """
 
-    def __init__(self, title: str, *, dpi: float = 100) -> None:
+    def __init__(self, title: str, *, dpi: float = 100, source: str | None = None) -> None:
         if not dpi > 0:
             raise ValueError(f"dpi must be positive; got {dpi!r}.")
         self.title = str(title)
         self.dpi = dpi
+        self.source = source
         self._sections: list[_Section] = []
         self._anchors: set[str] = set()
         self._n_images = 0
+
+    @classmethod
+    def extend(cls, path: str | os.PathLike[str], title: str, *, source: str, dpi: float = 100) -> Report:
+        """A report that adds to the one already written at ``path`` (by :meth:`write`), if any.
+
+        The sections written earlier by other sources are kept, in their order, and those of ``source``
+        are dropped (running the same command again replaces its sections rather than repeating them).
+        Sections added to the new report come after the kept ones. The stored sections live next to the
+        page, in ``report.json`` for ``report.html``.
+
+        Args:
+            path: The report's HTML file, e.g. ``runs/x/report.html``.
+            title: Title when nothing is kept; otherwise the earlier report's title stays.
+            source: Name of what adds the new sections (e.g. the CLI command).
+            dpi: Resolution of new figures.
+
+        Returns:
+            The report, ready for :meth:`add_section` and :meth:`write`.
+
+        Raises:
+            ValueError: If the stored sections cannot be read (the message names the file).
+        """
+        report = cls(title, dpi=dpi, source=source)
+        store = _store_path(path)
+        if not store.is_file():
+            return report
+        try:
+            import json
+
+            data = json.loads(store.read_text(encoding="utf-8"))
+            kept = [_section_from_json(d) for d in data["sections"]]
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot read the report's stored sections in {store}: {err}; delete it to start anew.") from err
+        kept = [sec for sec in kept if sec.source != source]
+        if kept:
+            report.title = str(data.get("title", title))
+            report._sections = kept
+            report._anchors = {sec.anchor for sec in kept}
+            report._n_images = sum(len(sec.images) for sec in kept)
+        return report
 
     # ----------------------------------------------------------------------------- building
     def _anchor(self, title: str) -> str:
@@ -228,7 +290,7 @@ class Report:
             else:
                 images.append(self._image(item, None))
         title = str(title)
-        self._sections.append(_Section(title, self._anchor(title), level, paragraphs, tab, images))
+        self._sections.append(_Section(title, self._anchor(title), level, paragraphs, tab, images, self.source))
 
     def add_result(
         self,
@@ -291,12 +353,19 @@ class Report:
     def write(self, path: str | os.PathLike[str]) -> Path:
         """Render and write the report atomically (temp file + rename); parent folders are created.
 
+        The sections are also stored next to it (``report.json`` for ``report.html``), so that
+        :meth:`extend` can add to the page later.
+
         Args:
             path: Destination file, e.g. ``runs/ig/report.html``.
 
         Returns:
             The path written, as a ``Path``.
         """
+        import json
+
+        store = {"title": self.title, "sections": [dataclasses.asdict(sec) for sec in self._sections]}
+        atomic_write_text(_store_path(path), json.dumps(store))
         return atomic_write_text(path, self.render())
 
     def __len__(self) -> int:

@@ -98,6 +98,29 @@ def test_deterministic_and_chunked():
     assert not torch.allclose(r1.attributions, r3.attributions)
 
 
+@pytest.mark.parametrize("kind", ["smoothgrad", "smoothgrad_sq", "vargrad"])
+def test_batched_equals_a_per_example_loop_over_the_same_noise(kind):
+    from gradsense.attribution.noise import noisy_rows
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    target = torch.tensor([0, 2, 1, 1, 0])
+    n_samples = 7
+    ours = gs.attribute(net, x, target=target, method=kind, n_samples=n_samples, seed=11, chunk_size=3)
+    rows = noisy_rows(x, n_samples, seed=11).reshape(n_samples, *x.shape)  # the draws the method uses
+    expected = torch.empty_like(x)
+    for i in range(x.shape[0]):  # one example, one noisy copy at a time, plain autograd
+        grads = []
+        for s in range(n_samples):
+            z = rows[s, i].clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(net(z.unsqueeze(0))[0, target[i]], z)
+            grads.append(g)
+        g = torch.stack(grads)
+        expected[i] = {"smoothgrad": g.mean(0), "smoothgrad_sq": (g**2).mean(0), "vargrad": g.var(0, unbiased=False)}[kind]
+    torch.testing.assert_close(ours.attributions, expected, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_options():
     lin = nn.Linear(3, 1)
     with pytest.raises(ValueError, match="n_samples must be >= 1"):

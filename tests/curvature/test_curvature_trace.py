@@ -123,3 +123,31 @@ def test_budget_and_bad_input(mlp_case):
         hessian_trace(mlp_case.model, CE, data, params=["0.weight"], per={"nothing": "^9"})
     with pytest.raises(ValueError, match="per must be"):
         hessian_trace(mlp_case.model, CE, data, per="neuron")
+
+
+@pytest.mark.parametrize("per", ["block", "parameter"])
+def test_block_and_parameter_groups_are_diagonal_blocks_of_the_dense_hessian(per):
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)),  # block "0"
+        torch.nn.Softplus(),
+        torch.nn.Linear(4, 3),  # block "2"
+    ).double().eval()
+    x, y = torch.randn(12, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    h = dense_hessian(model, CE, x, y)
+    res = hessian_trace(model, CE, (x, y), rtol=0.002, per=per, seed=0)
+    sizes = [(n, p.numel()) for n, p in model.named_parameters()]
+    if per == "block":
+        expected_groups = {"0": (0, sum(k for n, k in sizes if n.startswith("0."))), "2": None}
+        expected_groups["2"] = (expected_groups["0"][1], sum(k for _, k in sizes))
+    else:
+        expected_groups, pos = {}, 0
+        for n, k in sizes:
+            expected_groups[n] = (pos, pos + k)
+            pos += k
+    assert list(res.per_group) == list(expected_groups)
+    for name, (lo, hi) in expected_groups.items():
+        d = res.per_group[name]
+        truth = float(h[lo:hi, lo:hi].trace())
+        assert d["numel"] == hi - lo
+        assert abs(d["trace"] - truth) <= 3 * d["stderr"] + 1e-8 * abs(truth), (name, d, truth)

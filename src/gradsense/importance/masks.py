@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "check_nm",
     "check_sparsity",
     "exact_counts",
     "n_remove",
@@ -150,23 +151,27 @@ def unstructured_masks(
     return out
 
 
+def check_nm(shapes: Mapping[str, torch.Size], n_keep: int, group: int) -> None:
+    """Raise a ``ValueError`` naming the first tensor whose input dimension ``group`` (M) does not divide."""
+    for k, shape in shapes.items():
+        if len(shape) < 2:
+            continue
+        width = math.prod(shape[1:])
+        if width % group:
+            raise ValueError(
+                f"structure '{n_keep}:{group}': M={group} does not divide the input dimension {width} of "
+                f"{k!r} (shape {tuple(shape)}). Choose an M that divides it, or leave {k!r} out with params=."
+            )
+
+
 def nm_masks(scores: Mapping[str, Tensor], n_keep: int, group: int) -> dict[str, Tensor]:
     """N:M masks: keep the ``n_keep`` highest-scored of every ``group`` consecutive weights along the input dim.
 
     Raises:
         ValueError: A tensor whose input dimension (``in * kernel``) ``group`` does not divide, naming it.
     """
-    out = {}
-    for k, s in scores.items():
-        if s.ndim < 2:
-            out[k] = torch.ones_like(s, dtype=torch.bool)
-            continue
-        rows = s.reshape(s.shape[0], -1)
-        if rows.shape[1] % group:
-            raise ValueError(
-                f"structure '{n_keep}:{group}': M={group} does not divide the input dimension {rows.shape[1]} of "
-                f"{k!r} (shape {tuple(s.shape)}). Choose an M that divides it, or leave {k!r} out with params=."
-            )
+    check_nm({k: s.shape for k, s in scores.items()}, n_keep, group)
+    out = {k: torch.ones_like(s, dtype=torch.bool) for k, s in scores.items() if s.ndim < 2}
     for k, s in scores.items():
         if s.ndim < 2:
             continue

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from eval_models import Linear1, tiny_cnn
-from helpers import CountingModule, assert_model_unchanged
 
 import gradsense.evaluation as ev
 from gradsense.targets import RegressionOutput
+from helpers import CountingModule, assert_model_unchanged
 
 
 def _x(n=4, d=7, seed=2):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from eval_models import Linear1
-from helpers import CountingModule, assert_model_unchanged
 from scipy.stats import spearmanr
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradsense as gs
 import gradsense.evaluation as ev
 from gradsense.core.targets import Loss
+from helpers import CountingModule, assert_model_unchanged
 
 CE = torch.nn.functional.cross_entropy
 
@@ -117,7 +117,7 @@ def test_zoo_tabular_ranking_and_bad_input():
     ranked = r.ranking(1)
     assert [v for _, v in ranked] == sorted((v for _, v in ranked), reverse=True)
     counting = CountingModule(model)
-    with pytest.raises(ValueError, match="exactly one of target= .* and loss_fn="):
+    with pytest.raises(ValueError, match=r"exactly one of target= .* and loss_fn="):
         ev.global_sensitivity(counting, data, order=1)
     with pytest.raises(ValueError, match="exactly one"):
         ev.global_sensitivity(counting, data, target=0, loss_fn=CE)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from eval_models import Linear1, Quadratic
-from helpers import CountingModule, assert_model_unchanged
 
 import gradsense as gs
 import gradsense.evaluation as ev
 from gradsense.targets import RegressionOutput
+from helpers import CountingModule, assert_model_unchanged
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}  # float64, same operations up to summation order
 
@@ -214,7 +214,7 @@ def test_bad_input_is_refused_before_any_forward(mlp_case):
         ev.max_sensitivity(counting, c.x, None, target=c.y, explainer="saliency", n_perturbations=0)
     with pytest.raises(ValueError, match="unknown perturbation 'salt'"):
         ev.infidelity(counting, c.x, a, target=c.y, perturbation="salt")
-    with pytest.raises(ValueError, match="shape \\(n_perturbations, N, ...\\)"):
+    with pytest.raises(ValueError, match=r"shape \(n_perturbations, N, \.\.\.\)"):
         ev.infidelity(counting, c.x, a, target=c.y, n_perturbations=2, perturbation=torch.zeros(3, 10, 4))
     with pytest.raises(TypeError, match="AttributionResult"):
         ev.infidelity(counting, c.x, a.numpy(), target=c.y)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CountingModule, assert_model_unchanged
 
 import gradsense as gs
 import gradsense.evaluation as ev
+from helpers import CountingModule, assert_model_unchanged
 
 
 @pytest.fixture(scope="module")

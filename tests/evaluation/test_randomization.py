@@ -8,12 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import CountingModule, assert_model_unchanged
 from scipy.stats import spearmanr
 
 import gradsense as gs
 import gradsense.evaluation as ev
 from gradsense.evaluation.similarity import average_ranks
+from helpers import CountingModule, assert_model_unchanged
 
 
 # ------------------------------------------------------------------------------------------- similarity

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 from eval_models import Cubic, Quadratic
-from helpers import CountingModule, assert_model_unchanged
 
 import gradsense.evaluation as ev
 from gradsense.targets import RegressionOutput
+from helpers import CountingModule, assert_model_unchanged
 
 RADII = torch.logspace(-3, 0, 13, dtype=torch.float64)
 

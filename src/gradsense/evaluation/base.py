@@ -24,7 +24,15 @@ from gradsense.core.batching import chunk_size_for, chunks, estimate_example_byt
 from gradsense.core.checks import check_inputs, check_positive_int
 from gradsense.core.functional import check_model, model_fingerprint
 from gradsense.core.grad import warn_if_train_mode
-from gradsense.core.targets import Batch, ClassLogit, Probability, Target, TargetLike, _output_tensor, as_target
+from gradsense.core.targets import (
+    Batch,
+    ClassLogit,
+    Probability,
+    Target,
+    TargetLike,
+    _output_tensor,
+    as_target,
+)
 from gradsense.results.attribution import AttributionResult
 from gradsense.results.evaluation import MetricResult, mean_and_stderr
 
@@ -349,7 +357,7 @@ def build_result(
     """A metric result with the standard meta (mean, stderr over examples, model fingerprint, timing)."""
     mean, se = mean_and_stderr(tensors["values"])
     return cls.build(
-        {k: v.detach() for k, v in tensors.items()},
+        {k: v.detach().clone() for k, v in tensors.items()},  # no shared storage (safetensors refuses it)
         method=metric,
         settings=settings,
         model=model_fingerprint(model),

@@ -178,7 +178,7 @@ def global_sensitivity(
                 gidx = torch.arange(offset, offset + b, device=x.device)
             else:
                 run = forward or model
-                resolved = as_target(target, b, predict=lambda x=x: run(x))  # type: ignore[arg-type]
+                resolved = as_target(target, b, predict=lambda x=x, run=run: run(x))  # type: ignore[arg-type]
                 gidx = torch.arange(b, device=x.device)
             described = resolved.describe()
             if chunk_size is None:

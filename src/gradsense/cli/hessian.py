@@ -27,7 +27,7 @@ def _print_tables(eigs: Any, trace: Any, density: Any) -> None:
     rows = Table(title="Trace and spectrum", title_justify="left", show_header=False)
     rows.add_column(style="bold")
     rows.add_column()
-    rows.add_row("trace (Hutch++)", f"{_fmt(trace.value, 6)} +- {_fmt(trace.stderr, 2)} (1 s.e.)")
+    rows.add_row("trace (Hutch++)", f"{_fmt(trace.value, 6)} ± {_fmt(trace.stderr, 2)} (1 s.e.)")
     rows.add_row("mean eigenvalue tr(H)/n", _fmt(trace.value / max(int(trace.meta["numel"]), 1)))
     if eigs.gradient_overlap is not None:
         rows.add_row("gradient in top-k eigenspace", f"{eigs.gradient_overlap:.1%}")

@@ -195,13 +195,13 @@ class TraceResult(_Groups, Result):
 
     def summary(self) -> list[tuple[str, str]]:
         rows = super().summary()
-        rows.insert(1, ("trace", f"{_fmt(self.value, 6)} +- {_fmt(self.stderr, 2)}"))
+        rows.insert(1, ("trace", f"{_fmt(self.value, 6)} ± {_fmt(self.stderr, 2)}"))
         rows.insert(2, ("converged", str(self.converged)))
         rows.insert(3, ("Hessian-vector products", str(self.n_hvp)))
         if self.meta.get("rank"):
             rows.insert(4, ("sketch rank", str(self.meta["rank"])))
         for g, d in self.per_group.items():
-            rows.append((f"Tr(H)/n, {g}", f"{_fmt(d['mean'], 4)} +- {_fmt(d['stderr'] / max(d['numel'], 1), 2)}"))
+            rows.append((f"Tr(H)/n, {g}", f"{_fmt(d['mean'], 4)} ± {_fmt(d['stderr'] / max(d['numel'], 1), 2)}"))
         return rows
 
     def plot(self, **kwargs: Any) -> Any:
@@ -215,7 +215,7 @@ class TraceResult(_Groups, Result):
             log = all(m > 0 for m in means) and max(means) > 20 * min(means)
             # on a log axis, a lower bar end at or below 0 cannot be drawn: stop it just above 0
             lower = [min(e, 0.9 * m) for m, e in zip(means, errs)] if log else errs
-            opts: dict[str, Any] = {"title": "Average Hessian diagonal per group, Tr(H_l)/n_l (+- 2 s.e.)",
+            opts: dict[str, Any] = {"title": "Average Hessian diagonal per group, Tr(H_l)/n_l (± 2 s.e.)",
                                     "xlabel": "Tr(H_l) / n_l", "errors": [lower, errs], "log": log}
             opts.update(kwargs)
             return bar_chart(list(groups), means, **opts)

@@ -143,9 +143,9 @@ class SurfaceResult(Result):
             rows.append(("Hessian eigenvalues of the axes", ", ".join(_fmt(float(v)) for v in self.eigenvalues)))
         if self.meta.get("cosine") is not None:
             rows.append(("cosine(d1, d2)", f"{self.meta['cosine']:+.3g}"))
-        rows.append(("evaluation", f"{'vmap' if self.meta.get('vectorized') else 'one point at a time'}, "
-                                   f"{self.meta.get('chunk_size')} points per call, "
-                                   f"{self.meta.get('n_forward')} model calls"))
+        how = (f"vmap, {self.meta.get('chunk_size')} points per call" if self.meta.get("vectorized")
+               else "one point at a time")
+        rows.append(("evaluation", f"{how}, {self.meta.get('n_forward')} model calls"))
         if self.meta.get("seed") is not None:
             rows.append(("seed", str(self.meta["seed"])))
         if self.meta.get("wall_time_s") is not None:

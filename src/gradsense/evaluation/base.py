@@ -194,9 +194,13 @@ def rows_per_chunk(
     max_memory: int | str | None,
     total: int,
     forward: Callable[[Tensor], Any] | None = None,
-    factor: float = 1.0,
+    factor: float = 1.0 / 3.0,
 ) -> int:
-    """Rows per model call: ``chunk_size`` if given, else what the memory budget allows."""
+    """Rows per model call: ``chunk_size`` if given, else what the memory budget allows.
+
+    ``factor`` scales :func:`~gradsense.core.batching.estimate_example_bytes` (which assumes a forward+backward
+    keeping every activation, x3): ``1/3`` for a forward without gradients (its activations are not kept).
+    """
     if chunk_size is not None:
         return chunk_size_for(1, chunk_size=chunk_size, total=total)
     per_row = estimate_example_bytes(model, inputs[:2].detach(), forward=forward)

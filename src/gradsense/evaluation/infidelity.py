@@ -336,10 +336,9 @@ def max_sensitivity(
         base = explain_rows(fn, model, x, resolved, torch.arange(n, device=x.device), n, x)
         base_norm = _norm(base, norm)
         base_norm = torch.where(base_norm == 0, torch.ones_like(base_norm), base_norm)
-        # blocks of whole samples (each block one explainer call, which chunks its own rows)
-        chunk = rows_per_chunk(model, x, chunk_size=chunk_size, max_memory=max_memory, total=s * n,
-                               forward=forward, factor=3.0)
-        per_block = max(1, chunk // n)
+        # all perturbed rows in one explainer call, which chunks them under its memory budget; an explicit
+        # chunk_size also bounds the rows per call
+        per_block = s if chunk_size is None else max(1, chunk_size // n)
         sens = torch.empty(s, n, dtype=x.dtype, device=x.device)
         from gradsense.core.batching import chunks, progress
 

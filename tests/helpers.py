@@ -98,13 +98,19 @@ class CountingModule(nn.Module):
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
-        self.calls = 0
-        self.rows = 0
+        # a list, not int counters: gradsense restores a module's plain int/float/str attributes after
+        # every call (ModelState), which would silently reset counters to their value before the call
         self.sizes: list[int] = []
+
+    @property
+    def calls(self) -> int:
+        return len(self.sizes)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sizes)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         n = int(x.shape[0]) if isinstance(x, Tensor) and x.ndim else 0
-        self.calls += 1
-        self.rows += n
         self.sizes.append(n)
         return self.inner(x, *args, **kwargs)

@@ -14,9 +14,10 @@ Example:
 
 __version__ = "0.1.0"
 
-from gradsense import attribution, core, curvature, landscape, losses, results, targets, viz, zoo
+from gradsense import attribution, core, curvature, evaluation, landscape, losses, results, targets, viz, zoo
 from gradsense.attribution import attribute, attribute_tokens
 from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
+from gradsense.evaluation import evaluate, global_sensitivity
 from gradsense.landscape import interpolate, loss_surface, sharpness
 from gradsense.results import AttributionResult, Result
 
@@ -29,6 +30,9 @@ __all__ = [
     "attribution",
     "core",
     "curvature",
+    "evaluate",
+    "evaluation",
+    "global_sensitivity",
     "hessian_eigs",
     "hessian_trace",
     "interpolate",

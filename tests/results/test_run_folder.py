@@ -36,5 +36,5 @@ def test_a_second_folder_object_adds_to_the_manifest_and_replaces_same_names(tmp
 
 def test_a_broken_manifest_is_one_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text("[1, 2", encoding="utf-8")
-    with pytest.raises(ValueError, match="manifest.json"):
+    with pytest.raises(ValueError, match=r"manifest\.json"):
         RunFolder(tmp_path)

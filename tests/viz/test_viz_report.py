@@ -304,5 +304,5 @@ def test_extend_of_a_missing_or_broken_store(tmp_path):
     path = tmp_path / "report.html"
     assert len(Report.extend(path, "new", source="x")) == 0
     path.with_suffix(".json").write_text("{not json", encoding="utf-8")
-    with pytest.raises(ValueError, match="report.json"):
+    with pytest.raises(ValueError, match=r"report\.json"):
         Report.extend(path, "new", source="x")

@@ -151,9 +151,11 @@ def _input_shape(model: Any, spec: str) -> tuple[int, ...]:
     from gradsense import zoo
 
     if spec.startswith("zoo:"):
-        ds = {"digits-cnn": "digits", "digits-vit": "digits"}.get(spec[4:])
-        if ds is not None:
-            return tuple(zoo.dataset(ds, split="test").inputs.shape[1:])
+        from gradsense.zoo.registry import MODELS
+
+        entry = MODELS.get(spec[4:])
+        if entry is not None and entry.dataset != "breast-cancer":  # the image models: their dataset's shape
+            return tuple(zoo.dataset(entry.dataset, split="test").inputs.shape[1:])
     shape = getattr(model, "input_shape", None)
     if shape is None:
         raise ValueError("cannot tell this model's input size for images; give a tensor file (.safetensors/.npy).")

@@ -8,6 +8,7 @@ from gradsense import __version__
 from gradsense.cli.attribute import attribute_cmd
 from gradsense.cli.demo import demo_cmd
 from gradsense.cli.doctor import doctor_cmd
+from gradsense.cli.evaluate import evaluate_cmd
 from gradsense.cli.hessian import hessian_cmd
 from gradsense.cli.landscape import landscape_cmd
 
@@ -17,6 +18,7 @@ Examples:
   gradsense doctor --model zoo:digits-cnn      # what the model is and which analyses apply
   gradsense doctor --model my_model.py:build --weights w.safetensors --batch-size 64
   gradsense attribute --model zoo:digits-cnn --dataset digits --method saliency --n 8 --out runs/sal
+  gradsense evaluate --model zoo:block-digits-cnn --methods all --out runs/eval
   gradsense hessian --model zoo:digits-cnn --dataset digits --per layer --out runs/hessian
   gradsense landscape --model zoo:digits-cnn --dataset digits --steps 21 --out runs/landscape
 """
@@ -34,6 +36,7 @@ def cli() -> None:
 cli.add_command(doctor_cmd)
 cli.add_command(demo_cmd)
 cli.add_command(attribute_cmd)
+cli.add_command(evaluate_cmd)
 cli.add_command(hessian_cmd)
 cli.add_command(landscape_cmd)
 

@@ -14,7 +14,19 @@ Example:
 
 __version__ = "0.1.0"
 
-from gradsense import attribution, core, curvature, evaluation, landscape, losses, results, targets, viz, zoo
+from gradsense import (
+    attribution,
+    core,
+    curvature,
+    evaluation,
+    importance,
+    landscape,
+    losses,
+    results,
+    targets,
+    viz,
+    zoo,
+)
 from gradsense.attribution import attribute, attribute_tokens
 from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
 from gradsense.evaluation import evaluate, global_sensitivity
@@ -35,6 +47,7 @@ __all__ = [
     "global_sensitivity",
     "hessian_eigs",
     "hessian_trace",
+    "importance",
     "interpolate",
     "landscape",
     "loss_surface",

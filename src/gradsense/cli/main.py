@@ -10,6 +10,7 @@ from gradsense.cli.demo import demo_cmd
 from gradsense.cli.doctor import doctor_cmd
 from gradsense.cli.evaluate import evaluate_cmd
 from gradsense.cli.hessian import hessian_cmd
+from gradsense.cli.importance import importance_cmd
 from gradsense.cli.landscape import landscape_cmd
 
 EPILOG = """\b
@@ -20,6 +21,7 @@ Examples:
   gradsense attribute --model zoo:digits-cnn --dataset digits --method saliency --n 8 --out runs/sal
   gradsense evaluate --model zoo:block-digits-cnn --methods all --out runs/eval
   gradsense hessian --model zoo:digits-cnn --dataset digits --per layer --out runs/hessian
+  gradsense importance --model zoo:digits-cnn --dataset digits --method taylor --sparsity 0.5 --out runs/imp
   gradsense landscape --model zoo:digits-cnn --dataset digits --steps 21 --out runs/landscape
 """
 
@@ -38,6 +40,7 @@ cli.add_command(demo_cmd)
 cli.add_command(attribute_cmd)
 cli.add_command(evaluate_cmd)
 cli.add_command(hessian_cmd)
+cli.add_command(importance_cmd)
 cli.add_command(landscape_cmd)
 
 

@@ -16,3 +16,16 @@ from gradsense.results.curvature import DensityResult, EigenResult, TraceResult 
 from gradsense.results.landscape import InterpolationResult, SharpnessResult, SurfaceResult  # noqa: E402
 
 __all__ += ["DensityResult", "EigenResult", "InterpolationResult", "SharpnessResult", "SurfaceResult", "TraceResult"]
+
+from gradsense.results.evaluation import (  # noqa: E402
+    CurveResult,
+    GlobalSensitivityResult,
+    MethodTable,
+    MetricResult,
+    RandomizationResult,
+    TaylorResult,
+)
+from gradsense.results.importance import BitsResult, ImportanceResult, PruneResult, SweepResult  # noqa: E402
+
+__all__ += ["BitsResult", "CurveResult", "GlobalSensitivityResult", "ImportanceResult", "MethodTable", "MetricResult",
+            "PruneResult", "RandomizationResult", "SweepResult", "TaylorResult"]

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cases import Case
 
-__all__ = ["Quadratic", "make_trained_mlp_case", "make_wide_mlp_case", "quadratic_loss", "symmetric_with_spectrum"]
+__all__ = ["Quadratic", "layer_slices", "make_trained_mlp_case", "make_wide_mlp_case", "quadratic_loss", "symmetric_with_spectrum"]
 
 
 def symmetric_with_spectrum(eigenvalues: Tensor, seed: int = 0) -> Tensor:
@@ -83,3 +83,15 @@ def make_trained_mlp_case(seed: int = 0, n: int = 96, steps: int = 100) -> Case:
         opt.step()
     model.zero_grad(set_to_none=True)
     return Case("trained-mlp-f64", model.eval(), x, y)
+
+
+def layer_slices(model: nn.Module) -> dict[str, slice]:
+    """Coordinates of each layer (module owning parameters) in the flat parameter vector."""
+    out: dict[str, slice] = {}
+    pos = 0
+    for name, p in model.named_parameters():
+        layer = name.rsplit(".", 1)[0]
+        start = out[layer].start if layer in out else pos
+        pos += p.numel()
+        out[layer] = slice(start, pos)
+    return out

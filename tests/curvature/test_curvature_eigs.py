@@ -10,8 +10,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from curvature_cases import Quadratic, make_wide_mlp_case, quadratic_loss, symmetric_with_spectrum
-from torch import nn
+from curvature_cases import (
+    Quadratic,
+    layer_slices,
+    make_wide_mlp_case,
+    quadratic_loss,
+    symmetric_with_spectrum,
+)
 from torch.utils.data import DataLoader, TensorDataset
 
 import gradsense as gs
@@ -22,18 +27,6 @@ from oracles import dense_ggn, dense_hessian, full_batch_grad
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
 CE = F.cross_entropy
-
-
-def _blocks(model: nn.Module) -> dict[str, slice]:
-    """Coordinates of each layer (module owning parameters) in the flat vector."""
-    out: dict[str, slice] = {}
-    pos = 0
-    for name, p in model.named_parameters():
-        layer = name.rsplit(".", 1)[0]
-        start = out[layer].start if layer in out else pos
-        pos += p.numel()
-        out[layer] = slice(start, pos)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +57,7 @@ def test_quadratic_with_a_known_spectrum(quadratic, which):
         torch.testing.assert_close(a @ flat, lam * flat, rtol=0, atol=1e-8)
 
 
-def test_quadratic_per_layer_eigenvalues_are_those_of_the_diagonal_blocks(quadratic):
+def test_quadratic_per_layer_eigenvalues_are_those_of_the_diagonallayer_slices(quadratic):
     model, loss, data, a, _ = quadratic
     res = hessian_eigs(model, loss, data, k=2, tol=1e-10, per="layer", seed=1)
     assert res.groups == ["a", "b"]
@@ -107,7 +100,7 @@ def test_top_eigenvalues_of_a_wider_network_and_its_gradient_overlap():
 def test_per_layer_top_eigenvalues_equal_the_block_eigenvalues(case):
     h = dense_hessian(case.model, CE, case.x, case.y)
     res = hessian_eigs(case.model, CE, (case.x, case.y), k=1, tol=1e-9, per="layer", seed=0)
-    blocks = _blocks(case.model)
+    blocks = layer_slices(case.model)
     assert res.groups == list(blocks)
     for name, sl in blocks.items():
         ref = torch.linalg.eigvalsh(h[sl, sl]).max()

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from curvature_cases import Quadratic, make_trained_mlp_case, quadratic_loss, symmetric_with_spectrum
+from curvature_cases import (
+    Quadratic,
+    layer_slices,
+    make_trained_mlp_case,
+    quadratic_loss,
+    symmetric_with_spectrum,
+)
 
 from gradsense.curvature import hessian_trace
 from helpers import assert_model_unchanged
@@ -22,17 +28,6 @@ CE = F.cross_entropy
 def wide():
     case = make_trained_mlp_case()
     return case, dense_hessian(case.model, CE, case.x, case.y)
-
-
-def _layer_slices(model) -> dict[str, slice]:
-    out: dict[str, slice] = {}
-    pos = 0
-    for name, p in model.named_parameters():
-        layer = name.rsplit(".", 1)[0]
-        start = out[layer].start if layer in out else pos
-        pos += p.numel()
-        out[layer] = slice(start, pos)
-    return out
 
 
 def test_quadratic_trace_is_exact():
@@ -53,7 +48,7 @@ def test_trace_of_tiny_networks(case):
     assert res.converged
     assert abs(res.value - truth) <= 3 * res.stderr + 1e-9 * abs(truth)
     assert abs(res.value - truth) <= 0.01 * abs(truth)
-    for name, sl in _layer_slices(case.model).items():
+    for name, sl in layer_slices(case.model).items():
         d = res.per_group[name]
         assert abs(d["trace"] - float(h[sl, sl].trace())) <= 3 * d["stderr"] + 1e-8 * abs(truth), name
 
@@ -68,7 +63,7 @@ def test_trace_of_a_network_larger_than_the_sketch(wide):
     # per-layer traces: the diagonal blocks' traces, and they add up to the total
     groups = res.per_group
     assert sum(d["trace"] for d in groups.values()) == pytest.approx(res.value, rel=1e-9)
-    for name, sl in _layer_slices(case.model).items():
+    for name, sl in layer_slices(case.model).items():
         block = float(h[sl, sl].trace())
         assert abs(groups[name]["trace"] - block) <= 4 * groups[name]["stderr"] + 1e-9, (name, groups[name], block)
         assert groups[name]["numel"] == sl.stop - sl.start

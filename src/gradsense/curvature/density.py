@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from gradsense.core.batching import available_memory, parse_memory
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, model_fingerprint
-from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, parameter_groups, setup
+from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, operator, parameter_groups
 from gradsense.curvature.hutchpp import rademacher
 from gradsense.curvature.lanczos import LanczosQuadrature, drive
 from gradsense.results.curvature import DensityResult
@@ -139,7 +139,7 @@ def spectral_density(
     if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be a positive number or None, got {sigma!r}.")
     seed = draw_seed(seed)
-    op = setup(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
+    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
     n = op.numel
     groups = parameter_groups(model, op.params, per)
     products = RowProducts(op, probe_batch=probe_batch, cache_graph=cache_graph)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, flatten, model_fingerprint
 from gradsense.core.grad import loss_gradient
-from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, parameter_groups, setup
+from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, operator, parameter_groups
 from gradsense.curvature.lanczos import ThickRestartLanczos, Which, drive
 from gradsense.results.curvature import EigenResult
 
@@ -151,7 +151,7 @@ def hessian_eigs(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}.")
     seed = draw_seed(seed)
-    op = setup(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
+    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
     n = op.numel
     _check_k(k, which, n)
     groups = parameter_groups(model, op.params, per)

@@ -40,7 +40,6 @@ __all__ = [
     "draw_seed",
     "operator",
     "parameter_groups",
-    "setup",
 ]
 
 Kind = Literal["hessian", "ggn", "fisher"]
@@ -184,20 +183,6 @@ def operator(
         >>> H.matvec(torch.ones(H.numel)).shape == (H.numel,)
         True
     """
-    return setup(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size, method=method)
-
-
-def setup(
-    model: nn.Module,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: DataLike,
-    *,
-    params: ParamSpec = None,
-    kind: Kind = "hessian",
-    batch_size: int = 256,
-    method: Literal["auto", "forward-over-reverse", "double-backward"] = "auto",
-) -> CurvatureOperator:
-    """Build the operator and check the inputs before any work (see :func:`operator`)."""
     check_model(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")

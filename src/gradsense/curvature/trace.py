@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, model_fingerprint
-from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, parameter_groups, setup
+from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, operator, parameter_groups
 from gradsense.curvature.hutchpp import TraceMethod, hutchpp
 from gradsense.results.curvature import TraceResult
 
@@ -103,7 +103,7 @@ def hessian_trace(
     if isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 2:
         raise ValueError(f"max_hvp must be an int >= 2, got {max_hvp!r}.")
     seed = draw_seed(seed)
-    op = setup(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
+    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
     groups = parameter_groups(model, op.params, per)
     products = RowProducts(op, probe_batch=probe_batch, cache_graph=cache_graph)
     try:

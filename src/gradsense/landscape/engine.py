@@ -25,13 +25,11 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
-from gradsense.core.checks import check_scalar_loss, explain_model_errors
+from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
 from gradsense.core.functional import (
     ParamSpec,
-    any_module_training,
     check_model,
-    describe_training,
     functional,
     training_stochastic_layers,
 )
@@ -119,17 +117,11 @@ class LossEvaluator:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
         self.train_mode = has_stochastic_layers(model)
-        if self.train_mode and not allow_train_mode:
-            raise ValueError(
-                f"{what}: {describe_training(training_stochastic_layers(model))}, so its loss depends on the batch "
-                "and on random masks. Call model.eval() first (or pass allow_train_mode=True to evaluate the "
-                "train-mode function one point at a time)."
-            )
+        if not allow_train_mode:
+            check_eval_mode(model, what, hint=" (or pass allow_train_mode=True to evaluate the train-mode function "
+                                              "one point at a time)")
         self.model, self.loss_fn, self.what, self.seed = model, loss_fn, what, seed
-        fm = functional(model, params)
-        if any_module_training(model):  # a train-mode BatchNorm would update the running statistics it is given
-            fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
-        self.fm = fm
+        self.fm = functional(model, params)  # buffers are copies: a train-mode BatchNorm never moves the caller's
         self.batches = list(iterate(data, batch_size=batch_size))
         self._check_first_batch()
         self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
@@ -170,12 +162,11 @@ class LossEvaluator:
     def _check_first_batch(self) -> None:
         """One forward of the first batch: inputs that fit the model and a scalar loss, before any work."""
         batch, labels = self.batches[0]
-        x, y = batch, labels
-        if not self.train_mode:  # two rows say as much as the batch (train-mode BatchNorm needs the batch)
-            x, y = batch[:2], None if labels is None else labels[:2]
-        with torch.no_grad(), self._rng(), explain_model_errors(batch, self.what, self.model):
-            value = self.loss_fn(self.fm(self.fm.params, x), y)
-        check_scalar_loss(value)
+        # two rows say as much as the batch (train-mode BatchNorm needs the batch); every batch's labels are checked
+        with self._rng():
+            check_loss_batch(lambda r: self.fm(self.fm.params, r), self.loss_fn, batch, labels, what=self.what,
+                             model=self.model, probe=None if self.train_mode else 2,
+                             more_labels=[y for _, y in self.batches[1:]])
 
     def loss_at(self, values: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
         """Loss and accuracy at one point, by the plain (unbatched) forward.

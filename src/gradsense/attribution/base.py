@@ -185,10 +185,13 @@ class Attribution:
                     cache["out"] = self._outputs(inputs.detach())
                 return cache["out"]
 
-            # the shared first-forward check (two rows): wrong shapes and dtypes are named here, before any work
-            first = _output_tensor(first_forward(self._run, inputs.detach(), what=self.name, model=self.model))
-            with explain_model_errors(inputs, self.name, self.model):
+            rows = min(n, self.chunk_size or 256)
+            with explain_model_errors(inputs, self.name, self.model, rerun=lambda: self._run(inputs.detach()),
+                                      probe_rows=rows):  # 'predicted' runs the first forward: named here
                 resolved = as_target(target, n, predict=outputs)
+            # otherwise the shared first-forward check (two rows): wrong shapes and dtypes are named here
+            first = cache["out"] if "out" in cache else _output_tensor(
+                first_forward(self._run, inputs.detach(), what=self.name, model=self.model))
             resolved.validate(first, n)
             attributions, extra = self._compute(
                 inputs.detach(), resolved, torch.arange(n, device=inputs.device), n

@@ -126,11 +126,11 @@ def empty_loader_message(loader: DataLoader, n: int) -> str:
     bs, drop = getattr(loader, "batch_size", None), getattr(loader, "drop_last", False)
     if drop and isinstance(bs, int) and bs > n:
         return (
-            f"data yielded no batch: the DataLoader has {n} examples, batch_size={bs} and drop_last=True, so its "
+            f"data yielded no batches: the DataLoader has {n} examples, batch_size={bs} and drop_last=True, so its "
             f"only batch is dropped. Use drop_last=False or a batch_size of at most {n}."
         )
     return (
-        f"data yielded no batch although its dataset has {n} examples (its sampler or batch sampler produced "
+        f"data yielded no batches although its dataset has {n} examples (its sampler or batch sampler produced "
         "nothing). Check the DataLoader's sampler, batch_size and drop_last."
     )
 

@@ -180,11 +180,11 @@ def global_sensitivity(
             if feature_names is not None and len(feature_names) != x[0].numel():
                 raise ValueError(f"feature_names has {len(feature_names)} names for {x[0].numel()} input variables.")
             b = x.shape[0]
+            if loss_fn is not None and y is None:
+                raise ValueError("loss_fn= needs labels: give data as (inputs, labels), or use target=.")
             if first is None:  # the shared first-forward check: shapes and dtypes, before any work
                 first = first_forward(run, x, what="global_sensitivity", model=model)
             if loss_fn is not None:
-                if y is None:
-                    raise ValueError("loss_fn= needs labels: give data as (inputs, labels), or use target=.")
                 resolved: Target = Loss(loss_fn, y)
                 gidx = torch.arange(b, device=x.device)
                 every = [yy for _, yy in batches] if in_memory and seen == 0 else [y]  # type: ignore[union-attr]

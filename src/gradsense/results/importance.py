@@ -107,6 +107,8 @@ class ImportanceResult(Result):
     context: Any = dataclasses.field(default=None, compare=False)
     kind = "importance"
 
+    required_meta = (("keys", "list[str]"), ("param_names", "list[str]"), ("param_shapes", "list[shape]"))
+
     @property
     def granularity(self) -> str:
         """``"weight"``, ``"channel"``, ``"head"`` or ``"layer"``."""
@@ -229,6 +231,8 @@ class PruneResult(_MappingResult, Result):
 
     kind = "importance"
 
+    required_meta = (("structure", "str"), ("scope", "str"))
+
     def _items(self) -> dict[str, Tensor]:
         return {k[5:]: v for k, v in self.tensors.items() if k.startswith("mask/")}
 
@@ -283,6 +287,8 @@ class BitsResult(_MappingResult, Result):
     """
 
     kind = "importance"
+
+    required_meta = (("bits", "dict[str, int]"),)
 
     def _items(self) -> dict[str, int]:
         return {k: int(v) for k, v in (self.meta.get("bits") or {}).items()}
@@ -345,6 +351,9 @@ class SweepResult(Result):
     """
 
     kind = "importance"
+
+    required_tensors = ("loss", "metric", "predicted_first_order", "predicted_second_order", "achieved")
+    required_meta = (("methods", "list[str]"), ("sparsities", "list[number]"), ("loss_before", "number"))
 
     @property
     def methods(self) -> list[str]:

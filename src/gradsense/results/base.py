@@ -239,6 +239,9 @@ class Result:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
         directory.mkdir(parents=True, exist_ok=True)
         tensor_path, meta_path, previous = directory / TENSORS_FILE, directory / META_FILE, directory / PREVIOUS_FILE
+        for stale in [*directory.glob(".tensors.*.tmp"), *directory.glob(".result.*.tmp")]:
+            stale.unlink(missing_ok=True)  # left by an interrupted save (saving into one folder from two processes
+            # at once is not supported)
         temps: list[str] = []
         try:
             for prefix in (".tensors.", ".result."):

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.functional import describe_training, training_stochastic_layers
-from gradsense.core.losses import ignore_index, label_kind, model_output
+from gradsense.core.losses import ignore_index, label_kind, model_output, scored_output
 
 __all__ = [
     "check_eval_mode",
@@ -274,7 +274,7 @@ def check_labels(loss_fn: Any, output: Any, labels: Any, *, what: str) -> None:
         )
     if not isinstance(labels, Tensor):
         raise TypeError(f"{what}: labels must be a tensor, got {type(labels).__name__}.")
-    out = model_output(output, what=name)
+    out = scored_output(loss_fn, output, what=name)
     n = labels.shape[0] if labels.ndim else 0
     if kind == "value":
         per_out, per_label = out[0].numel() if out.ndim else 1, labels[0].numel() if labels.ndim else 1

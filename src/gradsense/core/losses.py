@@ -207,6 +207,16 @@ def label_kind(loss_fn: Any) -> LabelKind | None:
     return None
 
 
+def scored_output(loss_fn: Any, output: Any, *, what: str = "loss") -> Tensor:
+    """The tensor ``loss_fn`` scores from a model's output: through :func:`on_output` selections, then
+    :func:`model_output`. Used to check labels against the right output before any work."""
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    if isinstance(loss_fn, on_output):
+        return scored_output(loss_fn.loss_fn, loss_fn.pick(output), what=what)
+    return model_output(output, what=what)
+
+
 def ignore_index(loss_fn: Any) -> int | None:
     """The label a class loss ignores (torch's ``ignore_index``, ``-100`` by default); ``None`` if none."""
     while isinstance(loss_fn, (on_output, functools.partial)):

@@ -170,9 +170,8 @@ def global_sensitivity(
     offset = 0
     described = ""
     with preserve_model(model):
-        # tensor data is in memory already: every batch (and label) is checked before the first one's work
-        in_memory = isinstance(data, (Tensor, tuple, list))
-        batches = list(iterate(data, batch_size=batch_size)) if in_memory else iterate(data, batch_size=batch_size)
+        # read once (as the other analyses do), so that every batch's labels are checked before the first one's work
+        batches = list(iterate(data, batch_size=batch_size))
         first: Any = None
         for x, y in batches:
             check_inputs(x, name="data inputs")
@@ -187,9 +186,9 @@ def global_sensitivity(
             if loss_fn is not None:
                 resolved: Target = Loss(loss_fn, y)
                 gidx = torch.arange(b, device=x.device)
-                every = [yy for _, yy in batches] if in_memory and seen == 0 else [y]  # type: ignore[union-attr]
-                for labels in every:
-                    check_labels(loss_fn, first, labels, what="global_sensitivity")
+                if seen == 0:
+                    for _, labels in batches:
+                        check_labels(loss_fn, first, labels, what="global_sensitivity")
             elif per_example_targets:
                 resolved = as_target(target, total_n)  # type: ignore[arg-type]
                 gidx = torch.arange(offset, offset + b, device=x.device)

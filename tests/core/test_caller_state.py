@@ -95,6 +95,10 @@ ENTRY_POINTS = {
     "importance-prune": lambda m: gs.importance(m, CE, (X, Y), method="fisher", heldout=HELD).prune(0.3),
     "importance-bits": lambda m: gs.importance(m, CE, (X, Y), method="fisher", heldout=HELD).allocate_bits(4),
     "importance-hessian": lambda m: gs.importance(m, CE, (X, Y), method="hessian", probes=2, max_hvp=8),
+    "importance-sweep": lambda m: gs.importance.sweep(m, CE, (X, Y), HELD, methods=["magnitude", "taylor"],
+                                                      sparsities=[0.5]),
+    "importance-measure": lambda m: gs.importance.measure(m, CE, HELD, {"fc.weight": torch.rand(3, 18) > 0.5}),
+    "importance-apply": lambda m: gs.importance.apply(m, {"fc.weight": torch.rand(3, 18) > 0.5})(X),
     "hessian-eigs": lambda m: gs.hessian_eigs(m, CE, (X, Y), k=1, seed=0),
     "hessian-trace": lambda m: gs.hessian_trace(m, CE, (X, Y), rtol=0.5, seed=0),
     "spectral-density": lambda m: gs.spectral_density(m, CE, (X, Y), steps=4, probes=1, seed=0),
@@ -105,7 +109,8 @@ ENTRY_POINTS = {
     "sharpness-sam": lambda m: gs.sharpness(m, CE, (X, Y), kind="sam", seed=0),
     "sharpness-average": lambda m: gs.sharpness(m, CE, (X, Y), kind="average", n_samples=2, seed=0),
 }
-STOCHASTIC_OK = {name for name in ENTRY_POINTS if name.startswith(("attribute", "evaluate"))} - {"evaluate-taylor"}
+STOCHASTIC_OK = ({name for name in ENTRY_POINTS if name.startswith(("attribute", "evaluate"))} - {"evaluate-taylor"}) | {
+    "importance-apply"}  # apply makes a copy in the same modes
 MODES = ["eval", "dropout-train", "bn-train", "root-train-leaves-eval"]
 
 
@@ -159,6 +164,39 @@ def test_a_forward_that_fails_midway_leaves_a_train_mode_model_unchanged():
     with assert_model_unchanged(model), pytest.warns(UserWarning, match="train mode"), \
             pytest.raises(RuntimeError, match="forward failed"):
         gs.attribution.IntegratedGradients(model, forward=forward, steps=4, chunk_size=4).attribute(X, Y)
+
+
+class TokenNet(nn.Module):
+    """Embedding -> LayerNorm -> Dropout -> mean over tokens -> linear, for ``attribute_tokens``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.norm, self.drop, self.head = nn.Embedding(12, 6), nn.LayerNorm(6), nn.Dropout(0.2), nn.Linear(6, 2)
+        self.eval()
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.drop(self.norm(self.emb(input_ids)))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("mode", ["eval", "dropout-train"])
+@pytest.mark.parametrize("method", ["integrated_gradients", "input_x_gradient"])
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_attribute_tokens_leaves_the_model_unchanged(mode, method):
+    model = TokenNet()
+    if mode == "dropout-train":
+        model.drop.train()
+    model.head.register_forward_hook(lambda *a: None)
+    model.emb.weight.requires_grad_(False)
+    ids = torch.randint(0, 12, (3, 5), generator=torch.Generator().manual_seed(0))
+    options = {"steps": 4} if method == "integrated_gradients" else {}
+    with assert_model_unchanged(model):
+        gs.attribute_tokens(model, ids, target=1, method=method, baseline="zeros", **options)
+    with assert_model_unchanged(model), pytest.raises(ValueError, match="out of range"):
+        gs.attribute_tokens(model, ids + 20, target=1, baseline="zeros")  # refused, nothing changed
+    with assert_model_unchanged(model), pytest.raises(ValueError, match="needs a tokenizer with pad_token_id"):
+        gs.attribute_tokens(model, ids, target=1)  # the default 'pad' baseline, without a tokenizer
 
 
 # ------------------------------------------------------------------------------------------ the reproductions
@@ -242,3 +280,14 @@ def test_zoo_loaders_hand_out_independent_models():
     d1 = gs.zoo.dataset("digits")
     d1.inputs.add_(1.0)
     assert not torch.equal(d1.inputs, gs.zoo.dataset("digits").inputs)
+
+
+def test_a_measurer_measures_the_model_as_it_is_at_each_call():
+    # it caches the baseline and the gradient; a model changed between two calls must not get stale numbers
+    model = _model("eval")
+    masks = {"fc.weight": torch.rand(3, 18, generator=torch.Generator().manual_seed(3)) > 0.5}
+    meas = gs.importance.Measurer(model, CE, HELD, calibration=(X, Y))
+    meas(masks)
+    with torch.no_grad():
+        model.fc.bias.add_(0.7)
+    assert meas(masks) == gs.importance.Measurer(model, CE, HELD, calibration=(X, Y))(masks)

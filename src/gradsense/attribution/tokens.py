@@ -280,6 +280,7 @@ class TokenAttribution:
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         n = ids.shape[0]
         model, emb_layer = self.model, self.embedding
+        base_ids = self._baseline_ids(ids) if self.baseline == "pad" else None  # checked before any forward
         t0 = time.perf_counter()
 
         def row_forward(rows: Tensor, idx: Tensor) -> Any:
@@ -295,8 +296,8 @@ class TokenAttribution:
             with torch.no_grad():
                 resolved.validate(plain_forward(), n)
                 e = emb_layer(ids).detach()
-                if self.baseline == "pad":
-                    e0 = emb_layer(self._baseline_ids(ids)).detach()
+                if base_ids is not None:
+                    e0 = emb_layer(base_ids).detach()
                 else:
                     e0 = torch.zeros_like(e)
             index = torch.arange(n, device=ids.device)

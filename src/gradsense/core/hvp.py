@@ -110,6 +110,10 @@ def hvp(
 class CurvatureOperator:
     """Curvature of a model's loss over a dataset, as a linear operator on flat parameter vectors.
 
+    The operator is taken at the model as it is when the operator is made: its buffers (BatchNorm statistics)
+    are copied then, and its parameters are read from the module's own tensors, so change neither while you use
+    the operator (make a new one after training further).
+
     Args:
         model: The module (never modified). Must be in eval mode if it has BatchNorm or Dropout,
             unless ``allow_train_mode=True``.

@@ -24,7 +24,7 @@ from torch.func import grad
 
 from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
-from gradsense.core.functional import check_model, functional, preserve_model
+from gradsense.core.functional import check_model, functional, model_fingerprint, preserve_model
 from gradsense.core.hvp import hvp
 from gradsense.importance.apply import as_change, new_values
 
@@ -46,6 +46,10 @@ def _auto_metric(out: Any, y: Any) -> Metric | None:
 
 class Measurer:
     """Measures changes of one model's parameters on held-out data and predicts them on calibration data.
+
+    The baseline loss and the calibration gradient are cached between calls, for the model as it is: when its
+    weights or buffers change between two calls, the caches are rebuilt (and the functional copy of its buffers
+    taken again). BatchNorm/Dropout must be in eval mode at every call.
 
     Args:
         model: The caller's module (never modified).
@@ -73,6 +77,7 @@ class Measurer:
         self._names: tuple[str, ...] = ()
         self._base: tuple[float, float | None] | None = None
         self._grad: dict[str, Tensor] | None = None
+        self._state: str | None = None  # hash of the model's weights and buffers the caches were made from
 
     def check(self) -> None:
         """The shared first-batch checks on the held-out and calibration data, before any work (once).
@@ -153,6 +158,9 @@ class Measurer:
         """
         check_eval_mode(self.model, "importance measurement", hint=" (or measure=False)")
         self.check()
+        state = model_fingerprint(self.model)["sha256"]
+        if state != self._state:  # the model changed since the last call: nothing cached from then holds
+            self._fm, self._names, self._base, self._grad, self._state = None, (), None, None, state
         kind, values = as_change(self.model, change)
         fm = self._functional(list(values))
         if self._base is None:

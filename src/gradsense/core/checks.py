@@ -1,4 +1,18 @@
-"""Argument checks shared by every entry point: one clear error before any work starts."""
+"""Argument checks shared by every entry point: one clear error before any work starts.
+
+This is the one checking path; analyses call it rather than growing their own copies:
+
+- :func:`check_inputs`, :func:`check_positive_int`, :func:`draw_seed`: arguments;
+- :func:`check_eval_mode`: BatchNorm/Dropout in train mode anywhere in the model (not only the root);
+- :func:`first_forward` (and :func:`explain_model_errors` around a forward the caller runs itself): the first
+  forward, on a two-row probe, with dtype/device mismatches named on both sides and shape errors named with the
+  caller's own shapes (a probe failure reruns the caller's batch once, so torch's message never names the probe);
+- :func:`check_loss_batch`: the first batch of a loss-based analysis - the forward above, labels present when
+  the loss needs them, labels of every batch in range of the output width (:func:`check_labels`, for the losses
+  whose labels :func:`gradsense.core.losses.label_kind` knows), the loss computable and a scalar.
+
+Empty data and DataLoaders that yield no batch are refused by :func:`gradsense.core.distributed.iterate`.
+"""
 
 from __future__ import annotations
 

@@ -152,8 +152,10 @@ def importance(
     Raises:
         TypeError: ``model`` is not an nn.Module, ``loss_fn`` is not callable, an unknown option.
         ValueError: Unknown method or granularity, a granularity the method does not support, ``params`` that
-            select nothing, a train-mode model with BatchNorm/Dropout, empty data, a loss that is not a scalar, a
-            model without the structures asked for, bad option values. All before any computation.
+            select nothing, BatchNorm/Dropout in train mode anywhere in the model, empty data or a DataLoader that
+            yields no batch, inputs that do not fit the model, labels missing or out of range for its outputs (in
+            ``data`` and ``heldout``), a loss that is not a scalar, a model without the structures asked for, bad
+            option values. All before any computation.
 
     Example:
         >>> import gradsense as gs
@@ -286,7 +288,9 @@ def prune(result: ImportanceResult, sparsity: float | None = None, *, structure:
     Raises:
         ValueError, TypeError: Sparsity outside ``[0, 1)``, an unknown structure or scope, N:M with an M that does
             not divide a layer's input dimension (naming the layer), a structure the scores' granularity cannot
-            make (channel masks need channel scores...), a sparsity that would remove a whole layer.
+            make (channel masks need channel scores...), a sparsity that would remove a whole layer; when measuring,
+            a model whose BatchNorm/Dropout is now in train mode or whose weights or buffers changed since
+            :func:`importance` scored it (pass ``measure=False`` to skip the measurement).
     """
     kind, nm = _masks.parse_structure(structure)
     if scope not in ("global", "layer"):
@@ -388,7 +392,8 @@ def allocate_bits(result: ImportanceResult, mean_bits: float, *, choices: Sequen
 
     Raises:
         ValueError, TypeError: Choices outside 2..16, ``mean_bits`` outside ``[min(choices), max(choices)]``, a
-            result without curvature.
+            result without curvature; when measuring, a model in train mode or changed since it was scored (as for
+            :func:`prune`).
     """
     choices = check_choices(choices)
     if isinstance(mean_bits, bool) or not isinstance(mean_bits, (int, float)):

@@ -137,7 +137,7 @@ class LossEvaluator:
 
     @property
     def buffers(self) -> Params:
-        """The model's buffers (copies in train mode)."""
+        """Copies of the model's buffers (a train-mode BatchNorm updates these, never the caller's)."""
         return self.fm.buffers
 
     def _rng(self) -> Any:

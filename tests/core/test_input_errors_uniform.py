@@ -164,9 +164,10 @@ def test_tuple_dict_and_model_outputs_are_read_like_the_plain_logits(name, kind)
     if kind == "model-output":
         pytest.importorskip("transformers")
     wrapped, plain = LOSS_ANALYSES[name](Outputs(kind), (X, Y)), LOSS_ANALYSES[name](CASE.model, (X, Y))
-    for key, value in plain.tensors.items():
-        if key in wrapped.tensors:
-            torch.testing.assert_close(wrapped.tensors[key], value, rtol=1e-10, atol=1e-12, msg=key)
+    # the same numbers (accuracy included); parameter names carry the wrapper's "inner." prefix
+    assert [k.replace("inner.", "") for k in wrapped.tensors] == list(plain.tensors)
+    for (key, value), other in zip(plain.tensors.items(), wrapped.tensors.values()):
+        torch.testing.assert_close(other, value, rtol=1e-10, atol=1e-12, msg=key)
 
 
 def test_an_output_without_an_obvious_tensor_says_how_to_choose():

@@ -33,6 +33,7 @@ from gradsense.core.functional import (
     functional,
     training_stochastic_layers,
 )
+from gradsense.core.losses import model_output
 
 __all__ = ["CPU_POINT_CHUNK_BYTES", "CPU_VMAP_MAX_BYTES", "LossEvaluator", "PointLosses", "has_stochastic_layers"]
 
@@ -58,7 +59,11 @@ def has_stochastic_layers(model: nn.Module) -> bool:
 
 
 def _logits(output: Any) -> Any:
-    return output if isinstance(output, Tensor) else getattr(output, "logits", None)
+    """The scores accuracy is read from: the tensor the gs.losses read (logits, first of a tuple), or ``None``."""
+    try:
+        return model_output(output)
+    except TypeError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

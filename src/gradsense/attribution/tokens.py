@@ -280,6 +280,8 @@ class TokenAttribution:
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         n = ids.shape[0]
         model, emb_layer = self.model, self.embedding
+        if target is None:
+            as_target(target, n)  # raises: the target is required (said before anything else is checked)
         base_ids = self._baseline_ids(ids) if self.baseline == "pad" else None  # checked before any forward
         t0 = time.perf_counter()
 

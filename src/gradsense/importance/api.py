@@ -243,8 +243,8 @@ def importance(
 
 
 # ------------------------------------------------------------------------------------------------ decisions
-def _measurer(result: ImportanceResult, what: str) -> Measurer | None:
-    """The result's held-out measurer, after checking that the model is still the one that was scored."""
+def _measurer(result: ImportanceResult, what: str) -> Callable[[Any], dict[str, Any]] | None:
+    """The result's held-out measurement, after checking that the model is still the one that was scored."""
     ctx = result.context
     if not ctx or ctx.get("measurer") is None:
         return None
@@ -252,13 +252,15 @@ def _measurer(result: ImportanceResult, what: str) -> Measurer | None:
     check_eval_mode(model, f"{what}: measuring on the held-out data",
                     hint=" (it was in eval mode when importance() scored it), or pass measure=False")
     scored = (result.meta.get("model") or {}).get("sha256")
-    if scored is not None and model_fingerprint(model)["sha256"] != scored:
+    state = model_fingerprint(model)["sha256"]
+    if scored is not None and state != scored:
         raise ValueError(
             f"{what}: the model's weights or buffers changed since importance() scored it, so the change measured "
             "on it would not be the change of these scores. Re-run importance() on the model as it is now, or pass "
             "measure=False (and measure the result later with .measure(model, loss_fn, data))."
         )
-    return ctx["measurer"]
+    measurer: Measurer = ctx["measurer"]
+    return lambda change: measurer(change, state=state)
 
 
 def _shapes(result: ImportanceResult) -> dict[str, torch.Size]:
@@ -481,6 +483,7 @@ def sweep(
     check_model(model)
     check_train_mode(model)
     meas.check()
+    state = model_fingerprint(model)["sha256"]  # the sweep does not change the model: one hash for every measurement
     shape = (len(methods), len(sparsities))
     t = {k: torch.full(shape, float("nan"), dtype=torch.float64)
          for k in ("loss", "metric", "predicted_first_order", "predicted_second_order", "achieved")}
@@ -490,7 +493,7 @@ def sweep(
                          batch_size=batch_size, name=name, **(options or {}).get(m, {}))
         for j, s in enumerate(sparsities):
             masks = prune(res, s, structure=structure, scope=scope, measure=False)
-            r = meas(masks.masks)
+            r = meas(masks.masks, state=state)
             base = r
             t["loss"][i, j] = r["loss_after"]
             t["metric"][i, j] = float("nan") if r["metric_after"] is None else r["metric_after"]

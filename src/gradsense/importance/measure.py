@@ -148,8 +148,13 @@ class Measurer:
             seen += x.shape[0]
         return acc / seen
 
-    def __call__(self, change: Any) -> dict[str, Any]:
+    def __call__(self, change: Any, *, state: str | None = None) -> dict[str, Any]:
         """Measure and predict the effect of ``change`` (masks or bit widths).
+
+        Args:
+            change: Masks or bit widths (a ``PruneResult``/``BitsResult`` or a plain dict).
+            state: The model's weight hash (``model_fingerprint(model)["sha256"]``) when the caller has just
+                computed it; otherwise it is computed here, to tell whether the caches still hold.
 
         Returns:
             ``{"loss_before", "loss_after", "loss_change", "metric_before", "metric_after", "metric_change",
@@ -158,7 +163,7 @@ class Measurer:
         """
         check_eval_mode(self.model, "importance measurement", hint=" (or measure=False)")
         self.check()
-        state = model_fingerprint(self.model)["sha256"]
+        state = model_fingerprint(self.model)["sha256"] if state is None else state
         if state != self._state:  # the model changed since the last call: nothing cached from then holds
             self._fm, self._names, self._base, self._grad, self._state = None, (), None, None, state
         kind, values = as_change(self.model, change)

@@ -55,7 +55,9 @@ def test_saved_files_are_json_and_safetensors_not_pickle(result, tmp_path):
     assert not raw.startswith(b"PK")  # torch.save's zip container
     (header_len,) = struct.unpack("<Q", raw[:8])  # safetensors: u64 header length, then a JSON header
     header = json.loads(raw[8 : 8 + header_len])
-    assert header["__metadata__"] == {"type": "AttributionResult"}
+    # the header names the type and the save that wrote it, as result.json does: the two files belong together
+    assert header["__metadata__"] == {"type": "AttributionResult", "save_id": meta["save_id"]}
+    assert len(meta["save_id"]) == 32
     assert header["attributions"]["dtype"] == "F64" and header["attributions"]["shape"] == [4, 5]
     with safe_open(str(tmp_path / TENSORS_FILE), framework="pt") as fh:
         torch.testing.assert_close(fh.get_tensor("scores"), result.scores, rtol=0, atol=0)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory
-from gradsense.core.checks import check_inputs, explain_model_errors
+from gradsense.core.checks import check_inputs, explain_model_errors, first_forward
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients, warn_if_train_mode
 from gradsense.core.targets import Target, TargetLike, _output_tensor, as_target
@@ -185,10 +185,13 @@ class Attribution:
                     cache["out"] = self._outputs(inputs.detach())
                 return cache["out"]
 
-            with explain_model_errors(inputs, self.name, self.model):  # the first forward: wrong shapes are named here
+            rows = min(n, self.chunk_size or 256)
+            with explain_model_errors(inputs, self.name, self.model, rerun=lambda: self._run(inputs.detach()),
+                                      probe_rows=rows):  # 'predicted' runs the first forward: named here
                 resolved = as_target(target, n, predict=outputs)
-                with torch.no_grad():  # the target's shape checks need an output, not all of them
-                    first = cache["out"] if "out" in cache else _output_tensor(self._run(inputs[:2].detach()))
+            # otherwise the shared first-forward check (two rows): wrong shapes and dtypes are named here
+            first = cache["out"] if "out" in cache else _output_tensor(
+                first_forward(self._run, inputs.detach(), what=self.name, model=self.model))
             resolved.validate(first, n)
             attributions, extra = self._compute(
                 inputs.detach(), resolved, torch.arange(n, device=inputs.device), n

@@ -195,6 +195,18 @@ class TokenAttribution:
         texts = None
         if isinstance(inputs, str):
             inputs = [inputs]
+        if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ValueError(
+                    f"inputs is an empty {type(inputs).__name__}: give at least one sentence (a str or a list of str), "
+                    "token ids (N, T) or a tokenizer output dict."
+                )
+            bad = [i for i, s in enumerate(inputs) if not isinstance(s, str)]
+            if bad:
+                raise TypeError(
+                    f"inputs as a {type(inputs).__name__} must hold sentences (str); item {bad[0]} is a "
+                    f"{type(inputs[bad[0]]).__name__}. Pass token ids as a tensor (N, T) instead."
+                )
         if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(s, str) for s in inputs):
             if self.tokenizer is None:
                 raise ValueError("text inputs need a tokenizer: pass tokenizer= or use a model with .tokenizer.")
@@ -214,8 +226,8 @@ class TokenAttribution:
                 "input_ids must be an integer tensor (N, T); got "
                 f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, Tensor) else ''}."
             )
-        if ids.shape[0] == 0:
-            raise ValueError("no input sentences.")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"input_ids of shape {tuple(ids.shape)} hold no tokens: give at least one non-empty input.")
         weight = getattr(self.embedding, "weight", None)
         device = weight.device if isinstance(weight, Tensor) else ids.device
         out = {k: v.to(device) for k, v in inputs.items()}
@@ -249,7 +261,7 @@ class TokenAttribution:
         return torch.where(keep, ids, torch.full_like(ids, pad))
 
     # ------------------------------------------------------------------------------ the verb
-    def attribute(self, inputs: Any, target: TargetLike) -> TokenAttributionResult:
+    def attribute(self, inputs: Any, target: TargetLike | None = None) -> TokenAttributionResult:
         """Score every token of every input.
 
         Args:
@@ -268,6 +280,9 @@ class TokenAttribution:
         extra = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
         n = ids.shape[0]
         model, emb_layer = self.model, self.embedding
+        if target is None:
+            as_target(target, n)  # raises: the target is required (said before anything else is checked)
+        base_ids = self._baseline_ids(ids) if self.baseline == "pad" else None  # checked before any forward
         t0 = time.perf_counter()
 
         def row_forward(rows: Tensor, idx: Tensor) -> Any:
@@ -283,8 +298,8 @@ class TokenAttribution:
             with torch.no_grad():
                 resolved.validate(plain_forward(), n)
                 e = emb_layer(ids).detach()
-                if self.baseline == "pad":
-                    e0 = emb_layer(self._baseline_ids(ids)).detach()
+                if base_ids is not None:
+                    e0 = emb_layer(base_ids).detach()
                 else:
                     e0 = torch.zeros_like(e)
             index = torch.arange(n, device=ids.device)
@@ -329,18 +344,22 @@ class TokenAttribution:
 
 
 def attribute_tokens(
-    model: nn.Module, inputs: Any, *, target: TargetLike, method: str = "integrated_gradients", **options: Any
+    model: nn.Module, inputs: Any, *, target: TargetLike | None = None, method: str = "integrated_gradients",
+    **options: Any,
 ) -> TokenAttributionResult:
     """Functional form of :class:`TokenAttribution`: ``attribute_tokens(model, texts, target=..., method=...)``.
 
     Args:
         model: A text model (``model(input_ids=..., attention_mask=...)``).
         inputs: Sentences, token ids ``(N, T)`` or a tokenizer output dict.
-        target: What to explain.
+        target: What to explain (required; checked after the inputs).
         method: ``"integrated_gradients"``, ``"input_x_gradient"`` or ``"gradient"``.
         **options: Further :class:`TokenAttribution` settings.
 
     Returns:
         A :class:`TokenAttributionResult`.
+
+    Raises:
+        TypeError, ValueError: Empty or malformed inputs, a missing or bad target, before any work.
     """
     return TokenAttribution(model, method=method, **options).attribute(inputs, target)

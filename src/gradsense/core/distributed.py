@@ -90,8 +90,10 @@ def iterate(data: DataLike, *, batch_size: int = 256) -> Iterator[tuple[Tensor, 
         batch_size: Batch size used for tensors and Datasets (a DataLoader keeps its own).
 
     Raises:
-        ValueError: If ``data`` is empty, or its inputs hold NaN/Inf (tensor data: before the first batch;
-            a Dataset or DataLoader: at the batch that holds them).
+        ValueError: If ``data`` is empty or a DataLoader yields no batch at all (e.g. ``drop_last=True`` with
+            a batch larger than the dataset; raised when the iteration ends, before anything was yielded), or
+            its inputs hold NaN/Inf (tensor data: before the first batch; a Dataset or DataLoader: at the batch
+            that holds them).
         TypeError: If ``data`` has an unsupported type.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -108,11 +110,29 @@ def iterate(data: DataLike, *, batch_size: int = 256) -> Iterator[tuple[Tensor, 
             yield x[start:stop], (None if y is None else y[start:stop])
         return
     loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size, shuffle=False)
+    seen = 0
     for i, item in enumerate(loader):
+        seen += 1
         if i % size == rank:
             x, y = _split_item(item)
             _check_finite(x, f"batch {i} of data")
             yield x, y
+    if seen == 0:  # before any work: nothing was yielded
+        raise ValueError(empty_loader_message(loader, n))
+
+
+def empty_loader_message(loader: DataLoader, n: int) -> str:
+    """Why a DataLoader over ``n`` examples yielded no batch, and what to do."""
+    bs, drop = getattr(loader, "batch_size", None), getattr(loader, "drop_last", False)
+    if drop and isinstance(bs, int) and bs > n:
+        return (
+            f"data yielded no batches: the DataLoader has {n} examples, batch_size={bs} and drop_last=True, so its "
+            f"only batch is dropped. Use drop_last=False or a batch_size of at most {n}."
+        )
+    return (
+        f"data yielded no batches although its dataset has {n} examples (its sampler or batch sampler produced "
+        "nothing). Check the DataLoader's sampler, batch_size and drop_last."
+    )
 
 
 def _check_finite(x: Tensor, what: str) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "ModelState",
     "ParamSpec",
     "check_model",
+    "copy_buffers",
     "flatten",
     "functional",
     "model_fingerprint",
@@ -196,13 +197,15 @@ class FunctionalModel:
     """``model`` as a pure function of (selected parameters, inputs).
 
     Call it as ``fm(params, *inputs)`` where ``params`` maps the selected names to tensors; the other
-    parameters and all buffers are taken from the module as they are. Nothing on the module changes.
+    parameters are taken from the module as they are, the buffers from copies made when the functional
+    model was built. Nothing on the module changes: a train-mode BatchNorm updates the copies of its
+    running statistics, never the caller's (a detached buffer would share the caller's storage).
 
     Attributes:
         module: The template module (not modified).
         params: The selected parameters (the module's own tensors, detached), in order.
         frozen: The parameters that are not selected, detached.
-        buffers: The module's buffers.
+        buffers: Copies of the module's buffers (taken when the functional model was built).
     """
 
     module: nn.Module
@@ -249,8 +252,17 @@ def functional(model: nn.Module, params: ParamSpec = None) -> FunctionalModel:
         module=model,
         params={n: p.detach() for n, p in selected.items()},
         frozen={n: p.detach() for n, p in all_named.items() if n not in selected},
-        buffers={n: b.detach() for n, b in model.named_buffers()},
+        buffers=copy_buffers(model),
     )
+
+
+def copy_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """``{name: copy}`` of every buffer: what a functional call may be given without touching the caller.
+
+    Never hand ``buffer.detach()`` to a functional call: it shares the caller's storage, and a train-mode
+    BatchNorm updates its running statistics in place.
+    """
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
 
 
 def model_fingerprint(model: nn.Module, name: str | None = None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
-from gradsense.core.checks import check_inputs
+from gradsense.core.checks import check_eval_mode, check_inputs
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
 from gradsense.core.functional import (
     ParamSpec,
@@ -170,12 +170,7 @@ def per_example_grads(
     if not isinstance(labels, Tensor) or labels.shape[0] != inputs.shape[0]:
         got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a tensor with one row per input ({inputs.shape[0]}), got {got}.")
-    layers = training_stochastic_layers(model)
-    if layers:
-        raise ValueError(
-            f"per_example_grads: {describe_training(layers)}, whose output for one "
-            "example depends on the batch or on randomness. Call model.eval() first."
-        )
+    check_eval_mode(model, "per_example_grads")
     fm = functional(model, params)
     n = inputs.shape[0]
     if chunk_size is None:
@@ -218,12 +213,7 @@ def loss_gradient(
         ``{name: gradient}``.
     """
     check_model(model)
-    layers = training_stochastic_layers(model)
-    if layers:
-        raise ValueError(
-            f"loss_gradient: {describe_training(layers)}, whose output depends on the "
-            "batch or on randomness. Call model.eval() first."
-        )
+    check_eval_mode(model, "loss_gradient")
     fm = functional(model, params)
     acc = {k: torch.zeros_like(v) for k, v in fm.params.items()}
     seen = torch.zeros((), dtype=torch.float64)

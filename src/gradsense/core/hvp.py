@@ -13,7 +13,6 @@ The caller's model is used as a template through ``torch.func.functional_call`` 
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal
@@ -22,15 +21,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from gradsense.core.checks import check_eval_mode
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import (
     ParamSpec,
-    any_module_training,
     check_model,
-    describe_training,
     flatten,
     functional,
-    training_stochastic_layers,
     unflatten,
 )
 
@@ -113,6 +110,10 @@ def hvp(
 class CurvatureOperator:
     """Curvature of a model's loss over a dataset, as a linear operator on flat parameter vectors.
 
+    The operator is taken at the model as it is when the operator is made: its buffers (BatchNorm statistics)
+    are copied then, and its parameters are read from the module's own tensors, so change neither while you use
+    the operator (make a new one after training further).
+
     Args:
         model: The module (never modified). Must be in eval mode if it has BatchNorm or Dropout,
             unless ``allow_train_mode=True``.
@@ -152,17 +153,10 @@ class CurvatureOperator:
             raise ValueError(f"kind must be 'hessian', 'ggn' or 'fisher', got {kind!r}.")
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
-        layers = training_stochastic_layers(model)
-        if layers and not allow_train_mode:
-            raise ValueError(
-                f"{describe_training(layers)}: the curvature would depend on the batch and on random masks. "
-                "Call model.eval() first (or pass allow_train_mode=True)."
-            )
+        if not allow_train_mode:
+            check_eval_mode(model, "curvature", hint=" (or pass allow_train_mode=True)")
         self.model, self.loss_fn, self.kind, self.method = model, loss_fn, kind, method
-        fm = functional(model, params)
-        if any_module_training(model):  # train-mode BatchNorm would update the caller's running statistics
-            fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
-        self.fm = fm
+        self.fm = functional(model, params)  # buffers are copies: a train-mode BatchNorm never moves the caller's
         self.params: Params = self.fm.params
         self.numel = self.fm.numel
         self.total = num_examples(data)

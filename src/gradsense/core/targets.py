@@ -30,6 +30,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from gradsense.core.checks import check_labels
+
 __all__ = [
     "Batch",
     "CallableTarget",
@@ -66,7 +68,7 @@ def _output_tensor(output: Any) -> Tensor:
     if isinstance(output, Tensor):
         return output
     for key in ("logits", "pooler_output", "last_hidden_state"):
-        value = getattr(output, key, None)
+        value = output.get(key) if isinstance(output, dict) else getattr(output, key, None)
         if isinstance(value, Tensor):
             return value
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
@@ -288,8 +290,10 @@ class Loss(Target):
         return torch.func.vmap(lambda o, y: fn(o[None], y[None]).reshape(()))(out, labels)
 
     def validate(self, output: Any, n_examples: int) -> None:
-        if self.labels.shape[0] != n_examples:
-            raise ValueError(f"Loss target: {self.labels.shape[0]} labels for {n_examples} examples.")
+        if self.labels.ndim == 0 or self.labels.shape[0] != n_examples:
+            got = self.labels.shape[0] if self.labels.ndim else "a 0-d tensor of"
+            raise ValueError(f"Loss target: {got} labels for {n_examples} examples.")
+        check_labels(self.loss_fn, output, self.labels, what="Loss target")
 
     def describe(self) -> str:
         fn = getattr(self.loss_fn, "func", self.loss_fn)

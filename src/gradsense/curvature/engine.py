@@ -27,7 +27,7 @@ from gradsense.core.batching import (
     default_budget,
     estimate_example_bytes,
 )
-from gradsense.core.checks import check_scalar_loss, draw_seed, explain_model_errors
+from gradsense.core.checks import check_loss_batch, draw_seed
 from gradsense.core.distributed import DataLike, all_reduce_sum
 from gradsense.core.functional import ParamSpec, check_model, select_parameters
 from gradsense.core.hvp import CurvatureOperator
@@ -135,9 +135,9 @@ def _check_loss(op: CurvatureOperator) -> None:
             "data yielded no batches (a DataLoader with drop_last=True and a batch larger than the dataset?)."
         )
     x, y = first
-    with torch.no_grad(), explain_model_errors(x, "curvature", op.model):
-        value = op.loss_fn(op.fm(op.params, x), y)
-    check_scalar_loss(value)
+    rest = [b[1] for b in batches[1:]] if isinstance(batches, list) else []  # every cached batch's labels
+    check_loss_batch(lambda r: op.fm(op.params, r), op.loss_fn, x, y, what="curvature", model=op.model, probe=None,
+                     more_labels=rest)
 
 
 def operator(

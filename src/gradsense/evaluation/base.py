@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory, progress
-from gradsense.core.checks import check_inputs, check_positive_int
+from gradsense.core.checks import check_inputs, check_positive_int, first_forward
 from gradsense.core.functional import check_model, model_fingerprint
 from gradsense.core.grad import warn_if_train_mode
 from gradsense.core.targets import (
@@ -377,13 +377,15 @@ def build_result(
 
 
 def resolve_target(
-    model: nn.Module, inputs: Tensor, target: TargetLike, forward: Callable[[Tensor], Any] | None = None
+    model: nn.Module, inputs: Tensor, target: TargetLike, forward: Callable[[Tensor], Any] | None = None,
+    what: str = "evaluate",
 ) -> Target:
     """``as_target`` for the original examples, validated on one forward of the first rows."""
     run = forward or model
+    # the shared first-forward check: inputs that do not fit the model are one clear error, before any work
+    first = first_forward(run, inputs.detach(), what=what, model=model)
     resolved = as_target(target, inputs.shape[0], predict=lambda: run(inputs.detach()))
-    with torch.no_grad():
-        resolved.validate(_output_tensor(run(inputs[:2].detach())), inputs.shape[0])
+    resolved.validate(_output_tensor(first), inputs.shape[0])
     return resolved
 
 

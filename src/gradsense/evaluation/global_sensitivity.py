@@ -25,10 +25,16 @@ from torch import Tensor, nn
 from torch.func import jvp, vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory, progress
-from gradsense.core.checks import check_inputs, check_positive_int
+from gradsense.core.checks import (
+    check_eval_mode,
+    check_inputs,
+    check_labels,
+    check_positive_int,
+    first_forward,
+)
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
-from gradsense.core.grad import input_gradients, warn_if_train_mode
+from gradsense.core.grad import input_gradients
 from gradsense.core.targets import Batch, Loss, Target, TargetLike, as_target
 from gradsense.evaluation.similarity import spearman
 from gradsense.results.evaluation import GlobalSensitivityResult
@@ -153,7 +159,10 @@ def global_sensitivity(
     if feature_names is None:
         feature_names = getattr(data, "feature_names", None) or getattr(getattr(data, "dataset", None), "feature_names", None)
     per_example_targets = isinstance(target, (Tensor, list, tuple)) and not isinstance(target, str)
-    warn_if_train_mode(model, "global_sensitivity")
+    # examples must be independent and the function deterministic: the derivatives are per example, and the
+    # forward-mode orders run under vmap, which refuses Dropout's random masks
+    check_eval_mode(model, "global_sensitivity")
+    run = forward or model
     t0 = time.perf_counter()
     sums_abs: dict[int, Tensor] = {}
     sums: dict[int, Tensor] = {}
@@ -161,25 +170,32 @@ def global_sensitivity(
     offset = 0
     described = ""
     with preserve_model(model):
-        batches = iterate(data, batch_size=batch_size)
+        # read once (as the other analyses do), so that every batch's labels are checked before the first one's work
+        batches = list(iterate(data, batch_size=batch_size))
+        first: Any = None
         for x, y in batches:
             check_inputs(x, name="data inputs")
             x = x.detach()
             if feature_names is not None and len(feature_names) != x[0].numel():
                 raise ValueError(f"feature_names has {len(feature_names)} names for {x[0].numel()} input variables.")
             b = x.shape[0]
+            if loss_fn is not None and y is None:
+                raise ValueError("loss_fn= needs labels: give data as (inputs, labels), or use target=.")
+            if first is None:  # the shared first-forward check: shapes and dtypes, before any work
+                first = first_forward(run, x, what="global_sensitivity", model=model)
             if loss_fn is not None:
-                if y is None:
-                    raise ValueError("loss_fn= needs labels: give data as (inputs, labels), or use target=.")
                 resolved: Target = Loss(loss_fn, y)
                 gidx = torch.arange(b, device=x.device)
+                if seen == 0:
+                    for _, labels in batches:
+                        check_labels(loss_fn, first, labels, what="global_sensitivity")
             elif per_example_targets:
                 resolved = as_target(target, total_n)  # type: ignore[arg-type]
                 gidx = torch.arange(offset, offset + b, device=x.device)
             else:
-                run = forward or model
                 resolved = as_target(target, b, predict=lambda x=x, run=run: run(x))  # type: ignore[arg-type]
                 gidx = torch.arange(b, device=x.device)
+            resolved.validate(first, total_n if per_example_targets else b)
             described = resolved.describe()
             if chunk_size is None:
                 per = estimate_example_bytes(model, x[:2], forward=forward) * (1 if order == 1 else x[0].numel() * 4 * order)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunks
+from gradsense.core.checks import check_eval_mode
 from gradsense.core.functional import preserve_model
 from gradsense.core.grad import input_gradients
 from gradsense.core.targets import Batch, TargetLike
@@ -110,9 +111,12 @@ def taylor(
 
     Raises:
         ValueError: ``n_directions < 1``, ``order`` not 1 or 2, radii not positive and increasing, bad
-            attributions, before any work.
+            attributions, BatchNorm/Dropout in train mode (the model must be one deterministic function), before
+            any work.
     """
     model, inputs = prepare(model, inputs, "taylor", chunk_size, max_memory)
+    # the expansion is compared with the function itself: it must be one deterministic function of x
+    check_eval_mode(model, "taylor")
     g_given = check_attributions(attributions, inputs, required=False)
     d = check_count(n_directions, "n_directions")
     if directions is not None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsense.core.checks import check_eval_mode
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, check_model, model_fingerprint, preserve_model
 from gradsense.importance import masks as _masks
@@ -41,7 +42,14 @@ from gradsense.importance.structures import (
     unit_masks,
 )
 from gradsense.importance.taylor import fisher, taylor, taylor2
-from gradsense.results.importance import BitsResult, ImportanceResult, PruneResult, SweepResult
+from gradsense.results.importance import (
+    BitsResult,
+    ImportanceResult,
+    ImportanceVerbs,
+    PruneResult,
+    SweepResult,
+    attach_verbs,
+)
 
 __all__ = ["METHODS", "MethodSpec", "allocate_bits", "importance", "prune", "sweep"]
 
@@ -144,8 +152,10 @@ def importance(
     Raises:
         TypeError: ``model`` is not an nn.Module, ``loss_fn`` is not callable, an unknown option.
         ValueError: Unknown method or granularity, a granularity the method does not support, ``params`` that
-            select nothing, a train-mode model with BatchNorm/Dropout, empty data, a loss that is not a scalar, a
-            model without the structures asked for, bad option values. All before any computation.
+            select nothing, BatchNorm/Dropout in train mode anywhere in the model, empty data or a DataLoader that
+            yields no batch, inputs that do not fit the model, labels missing or out of range for its outputs (in
+            ``data`` and ``heldout``), a loss that is not a scalar, a model without the structures asked for, bad
+            option values. All before any computation.
 
     Example:
         >>> import gradsense as gs
@@ -184,9 +194,14 @@ def importance(
     names = list(chosen)
     groups = _groups(model, names, granularity)
     ctx = Context(model, loss_fn, data, names, batch_size=batch_size, max_memory=max_memory, chunk_size=chunk_size)
+    measurer = None
+    if heldout is not None:  # its batches are read and checked now, before any work
+        measurer = Measurer(model, loss_fn, heldout, calibration=data, metric=metric, batch_size=batch_size)
     with preserve_model(model):
         if data is not None:
             ctx.check_loss()
+        if measurer is not None:
+            measurer.check()
         out = spec.fn(ctx, granularity, groups, seed=seed, **options)
     keys = list(out.scores)
     tensors: dict[str, Tensor] = {f"score/{k}": v.detach() for k, v in out.scores.items()}
@@ -223,19 +238,29 @@ def importance(
         **{k: v for k, v in out.meta.items() if k != "n_hvp"},
     )
     context = {"model": model, "loss_fn": loss_fn, "data": data, "heldout": heldout, "metric": metric,
-               "batch_size": batch_size, "measurer": None}
+               "batch_size": batch_size, "measurer": measurer}
     return dataclasses.replace(res, context=context)
 
 
 # ------------------------------------------------------------------------------------------------ decisions
-def _measurer(result: ImportanceResult) -> Measurer | None:
+def _measurer(result: ImportanceResult, what: str) -> Callable[[Any], dict[str, Any]] | None:
+    """The result's held-out measurement, after checking that the model is still the one that was scored."""
     ctx = result.context
-    if not ctx or ctx.get("heldout") is None:
+    if not ctx or ctx.get("measurer") is None:
         return None
-    if ctx.get("measurer") is None:
-        ctx["measurer"] = Measurer(ctx["model"], ctx["loss_fn"], ctx["heldout"], calibration=ctx["data"],
-                                   metric=ctx["metric"], batch_size=ctx["batch_size"])
-    return ctx["measurer"]
+    model = ctx["model"]
+    check_eval_mode(model, f"{what}: measuring on the held-out data",
+                    hint=" (it was in eval mode when importance() scored it), or pass measure=False")
+    scored = (result.meta.get("model") or {}).get("sha256")
+    state = model_fingerprint(model)["sha256"]
+    if scored is not None and state != scored:
+        raise ValueError(
+            f"{what}: the model's weights or buffers changed since importance() scored it, so the change measured "
+            "on it would not be the change of these scores. Re-run importance() on the model as it is now, or pass "
+            "measure=False (and measure the result later with .measure(model, loss_fn, data))."
+        )
+    measurer: Measurer = ctx["measurer"]
+    return lambda change: measurer(change, state=state)
 
 
 def _shapes(result: ImportanceResult) -> dict[str, torch.Size]:
@@ -265,7 +290,9 @@ def prune(result: ImportanceResult, sparsity: float | None = None, *, structure:
     Raises:
         ValueError, TypeError: Sparsity outside ``[0, 1)``, an unknown structure or scope, N:M with an M that does
             not divide a layer's input dimension (naming the layer), a structure the scores' granularity cannot
-            make (channel masks need channel scores...), a sparsity that would remove a whole layer.
+            make (channel masks need channel scores...), a sparsity that would remove a whole layer; when measuring,
+            a model whose BatchNorm/Dropout is now in train mode or whose weights or buffers changed since
+            :func:`importance` scored it (pass ``measure=False`` to skip the measurement).
     """
     kind, nm = _masks.parse_structure(structure)
     if scope not in ("global", "layer"):
@@ -327,7 +354,7 @@ def prune(result: ImportanceResult, sparsity: float | None = None, *, structure:
         "granularity": gran,
         **meta_extra,
     }
-    meas = _measurer(result) if measure else None
+    meas = _measurer(result, "prune") if measure else None
     if meas is not None:
         meta["measured"] = meas(masks)
     return PruneResult.build({f"mask/{k}": v for k, v in masks.items()}, method=result.method,
@@ -367,7 +394,8 @@ def allocate_bits(result: ImportanceResult, mean_bits: float, *, choices: Sequen
 
     Raises:
         ValueError, TypeError: Choices outside 2..16, ``mean_bits`` outside ``[min(choices), max(choices)]``, a
-            result without curvature.
+            result without curvature; when measuring, a model in train mode or changed since it was scored (as for
+            :func:`prune`).
     """
     choices = check_choices(choices)
     if isinstance(mean_bits, bool) or not isinstance(mean_bits, (int, float)):
@@ -394,7 +422,7 @@ def allocate_bits(result: ImportanceResult, mean_bits: float, *, choices: Sequen
         "uniform_bits": uniform, "uniform_objective": uniform_obj, "exact": exact,
         "curvature": result.meta.get("curvature"), "sensitivity": sens,
     }
-    meas = _measurer(result) if measure else None
+    meas = _measurer(result, "allocate_bits") if measure else None
     if meas is not None:
         meta["measured"] = meas(bits)
         if uniform is not None:
@@ -452,6 +480,10 @@ def sweep(
     granularity = {"unstructured": "weight", "channel": "channel", "head": "head"}[kind]
     data_size(heldout)
     meas = Measurer(model, loss_fn, heldout, calibration=data, metric=metric, batch_size=batch_size)
+    check_model(model)
+    check_train_mode(model)
+    meas.check()
+    state = model_fingerprint(model)["sha256"]  # the sweep does not change the model: one hash for every measurement
     shape = (len(methods), len(sparsities))
     t = {k: torch.full(shape, float("nan"), dtype=torch.float64)
          for k in ("loss", "metric", "predicted_first_order", "predicted_second_order", "achieved")}
@@ -461,7 +493,7 @@ def sweep(
                          batch_size=batch_size, name=name, **(options or {}).get(m, {}))
         for j, s in enumerate(sparsities):
             masks = prune(res, s, structure=structure, scope=scope, measure=False)
-            r = meas(masks.masks)
+            r = meas(masks.masks, state=state)
             base = r
             t["loss"][i, j] = r["loss_after"]
             t["metric"][i, j] = float("nan") if r["metric_after"] is None else r["metric_after"]
@@ -473,3 +505,6 @@ def sweep(
                              model=model_fingerprint(model, name), seed=seed, wall_time_s=time.perf_counter() - t0,
                              methods=methods, sparsities=sparsities, structure=structure, scope=scope,
                              loss_before=base["loss_before"], metric_before=base["metric_before"])
+
+
+attach_verbs(ImportanceVerbs(prune=prune, allocate_bits=allocate_bits, measurer=Measurer))

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes
+from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import FunctionalModel, ParamSpec, check_model, functional, select_parameters
 from gradsense.core.zeroth import vmap_failure
@@ -46,7 +47,6 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], Tensor]
 GRANULARITIES = ("weight", "channel", "head", "layer")
-_STOCHASTIC = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.Dropout)
 
 
 @dataclasses.dataclass
@@ -91,12 +91,8 @@ def resolve_params(model: nn.Module, params: ParamSpec) -> dict[str, Tensor]:
 
 
 def check_train_mode(model: nn.Module) -> None:
-    """Refuse a train-mode model with BatchNorm/Dropout (its scores would depend on the batch and on chance)."""
-    if model.training and any(isinstance(m, _STOCHASTIC) for m in model.modules()):
-        raise ValueError(
-            "importance: the model is in train mode and has BatchNorm/Dropout, so its loss depends on the batch "
-            "and on random masks. Call model.eval() first."
-        )
+    """Refuse BatchNorm/Dropout in train mode anywhere in the model (its scores would depend on the batch and chance)."""
+    check_eval_mode(model, "importance")
 
 
 class Context:
@@ -136,8 +132,6 @@ class Context:
         """The calibration batches ``(inputs, labels)`` (read once through ``iterate``, then cached)."""
         if self._batches is None:
             self._batches = list(iterate(self.data, batch_size=self.batch_size))
-            if not self._batches:
-                raise ValueError("data yielded no batches.")
         return self._batches
 
     @property
@@ -162,16 +156,12 @@ class Context:
         return all_reduce_sum(total) / self._total(seen)
 
     def check_loss(self) -> None:
-        """Raise a clear ``ValueError`` unless ``loss_fn`` returns a floating-point scalar on the first batch."""
-        x, y = self.batches()[0]
-        with torch.no_grad():
-            value = self.loss_fn(self.fm(self.params, x[:2]), None if y is None else y[:2])
-        if not isinstance(value, Tensor) or value.ndim != 0 or not value.is_floating_point():
-            got = f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"loss_fn must return a floating-point scalar (the batch mean), got {got}. "
-                "Use reduction='mean' or call .mean() on a per-example loss."
-            )
+        """The shared first-batch check (:func:`gradsense.core.checks.check_loss_batch`): inputs that fit the model,
+        labels the loss can take (every cached batch's, against the output width), a floating-point scalar loss."""
+        batches = self.batches()
+        x, y = batches[0]
+        check_loss_batch(lambda r: self.fm(self.params, r), self.loss_fn, x, y, what="importance", model=self.model,
+                         more_labels=[b[1] for b in batches[1:]])
 
     # ------------------------------------------------------------------------------------------- gradients
     def mean_grad(self) -> dict[str, Tensor]:

@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad
 
+from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
-from gradsense.core.functional import check_model, functional
+from gradsense.core.functional import check_model, functional, model_fingerprint, preserve_model
 from gradsense.core.hvp import hvp
 from gradsense.importance.apply import as_change, new_values
 
@@ -46,6 +47,10 @@ def _auto_metric(out: Any, y: Any) -> Metric | None:
 class Measurer:
     """Measures changes of one model's parameters on held-out data and predicts them on calibration data.
 
+    The baseline loss and the calibration gradient are cached between calls, for the model as it is: when its
+    weights or buffers change between two calls, the caches are rebuilt (and the functional copy of its buffers
+    taken again). BatchNorm/Dropout must be in eval mode at every call.
+
     Args:
         model: The caller's module (never modified).
         loss_fn: ``(output, labels) -> scalar`` batch-mean loss.
@@ -66,11 +71,32 @@ class Measurer:
         self.model, self.loss_fn, self.batch_size, self.second_order = model, loss_fn, batch_size, second_order
         self.heldout = list(iterate(heldout, batch_size=batch_size))
         self.calibration = self.heldout if calibration is None else list(iterate(calibration, batch_size=batch_size))
+        self._checked = False
         self.metric_arg = metric
         self._fm: Any = None
         self._names: tuple[str, ...] = ()
         self._base: tuple[float, float | None] | None = None
         self._grad: dict[str, Tensor] | None = None
+        self._state: str | None = None  # hash of the model's weights and buffers the caches were made from
+
+    def check(self) -> None:
+        """The shared first-batch checks on the held-out and calibration data, before any work (once).
+
+        Raises:
+            ValueError, TypeError: Inputs that do not fit the model, labels missing or out of range for the
+                output width, a loss that is not a scalar (see :func:`gradsense.core.checks.check_loss_batch`).
+        """
+        if self._checked:
+            return
+        sets = [("held-out data", self.heldout)]
+        if self.calibration is not self.heldout:
+            sets.append(("calibration data", self.calibration))
+        with preserve_model(self.model):
+            for what, batches in sets:
+                x, y = batches[0]
+                check_loss_batch(self.model, self.loss_fn, x, y, what=f"importance measurement ({what})",
+                                 model=self.model, more_labels=[b[1] for b in batches[1:]])
+        self._checked = True
 
     def _functional(self, names: list[str]) -> Any:
         if self._fm is None or not set(names) <= set(self._names):
@@ -122,14 +148,24 @@ class Measurer:
             seen += x.shape[0]
         return acc / seen
 
-    def __call__(self, change: Any) -> dict[str, Any]:
+    def __call__(self, change: Any, *, state: str | None = None) -> dict[str, Any]:
         """Measure and predict the effect of ``change`` (masks or bit widths).
+
+        Args:
+            change: Masks or bit widths (a ``PruneResult``/``BitsResult`` or a plain dict).
+            state: The model's weight hash (``model_fingerprint(model)["sha256"]``) when the caller has just
+                computed it; otherwise it is computed here, to tell whether the caches still hold.
 
         Returns:
             ``{"loss_before", "loss_after", "loss_change", "metric_before", "metric_after", "metric_change",
             "predicted_first_order", "predicted_second_order", "changed", "sparsity"}`` (metric entries ``None``
             without a metric; ``sparsity`` is the fraction of the changed tensors' weights that are zero).
         """
+        check_eval_mode(self.model, "importance measurement", hint=" (or measure=False)")
+        self.check()
+        state = model_fingerprint(self.model)["sha256"] if state is None else state
+        if state != self._state:  # the model changed since the last call: nothing cached from then holds
+            self._fm, self._names, self._base, self._grad, self._state = None, (), None, None, state
         kind, values = as_change(self.model, change)
         fm = self._functional(list(values))
         if self._base is None:
@@ -176,6 +212,7 @@ def measure(model: nn.Module, loss_fn: Callable[[Any, Any], Tensor], data: DataL
         See :meth:`Measurer.__call__`.
 
     Raises:
-        TypeError, ValueError: A bad ``change`` or ``metric``.
+        TypeError, ValueError: A bad ``change`` or ``metric``; BatchNorm/Dropout in train mode; data that does not
+            fit the model or the loss (before any work).
     """
     return Measurer(model, loss_fn, data, calibration=calibration, metric=metric, batch_size=batch_size)(change)

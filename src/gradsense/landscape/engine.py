@@ -25,16 +25,15 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
-from gradsense.core.checks import check_scalar_loss, explain_model_errors
+from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
 from gradsense.core.functional import (
     ParamSpec,
-    any_module_training,
     check_model,
-    describe_training,
     functional,
     training_stochastic_layers,
 )
+from gradsense.core.losses import model_output
 
 __all__ = ["CPU_POINT_CHUNK_BYTES", "CPU_VMAP_MAX_BYTES", "LossEvaluator", "PointLosses", "has_stochastic_layers"]
 
@@ -60,7 +59,11 @@ def has_stochastic_layers(model: nn.Module) -> bool:
 
 
 def _logits(output: Any) -> Any:
-    return output if isinstance(output, Tensor) else getattr(output, "logits", None)
+    """The scores accuracy is read from: the tensor the gs.losses read (logits, first of a tuple), or ``None``."""
+    try:
+        return model_output(output)
+    except TypeError:
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,17 +122,11 @@ class LossEvaluator:
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
         self.train_mode = has_stochastic_layers(model)
-        if self.train_mode and not allow_train_mode:
-            raise ValueError(
-                f"{what}: {describe_training(training_stochastic_layers(model))}, so its loss depends on the batch "
-                "and on random masks. Call model.eval() first (or pass allow_train_mode=True to evaluate the "
-                "train-mode function one point at a time)."
-            )
+        if not allow_train_mode:
+            check_eval_mode(model, what, hint=" (or pass allow_train_mode=True to evaluate the train-mode function "
+                                              "one point at a time)")
         self.model, self.loss_fn, self.what, self.seed = model, loss_fn, what, seed
-        fm = functional(model, params)
-        if any_module_training(model):  # a train-mode BatchNorm would update the running statistics it is given
-            fm = dataclasses.replace(fm, buffers={k: b.clone() for k, b in fm.buffers.items()})
-        self.fm = fm
+        self.fm = functional(model, params)  # buffers are copies: a train-mode BatchNorm never moves the caller's
         self.batches = list(iterate(data, batch_size=batch_size))
         self._check_first_batch()
         self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
@@ -145,7 +142,7 @@ class LossEvaluator:
 
     @property
     def buffers(self) -> Params:
-        """The model's buffers (copies in train mode)."""
+        """Copies of the model's buffers (a train-mode BatchNorm updates these, never the caller's)."""
         return self.fm.buffers
 
     def _rng(self) -> Any:
@@ -170,12 +167,11 @@ class LossEvaluator:
     def _check_first_batch(self) -> None:
         """One forward of the first batch: inputs that fit the model and a scalar loss, before any work."""
         batch, labels = self.batches[0]
-        x, y = batch, labels
-        if not self.train_mode:  # two rows say as much as the batch (train-mode BatchNorm needs the batch)
-            x, y = batch[:2], None if labels is None else labels[:2]
-        with torch.no_grad(), self._rng(), explain_model_errors(batch, self.what, self.model):
-            value = self.loss_fn(self.fm(self.fm.params, x), y)
-        check_scalar_loss(value)
+        # two rows say as much as the batch (train-mode BatchNorm needs the batch); every batch's labels are checked
+        with self._rng():
+            check_loss_batch(lambda r: self.fm(self.fm.params, r), self.loss_fn, batch, labels, what=self.what,
+                             model=self.model, probe=None if self.train_mode else 2,
+                             more_labels=[y for _, y in self.batches[1:]])
 
     def loss_at(self, values: Mapping[str, Tensor] | None = None) -> tuple[float, float | None]:
         """Loss and accuracy at one point, by the plain (unbatched) forward.

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.distributed import DataLike
-from gradsense.core.functional import ParamSpec, check_model, model_fingerprint
+from gradsense.core.functional import ParamSpec, check_model, copy_buffers, model_fingerprint
 from gradsense.landscape.directions import (
     Normalization,
     check_directions,
@@ -300,8 +300,8 @@ def loss_surface(
 # ------------------------------------------------------------------------------------------ interpolation
 def _state(model: nn.Module, buffers: bool) -> Params:
     out = {n: p.detach() for n, p in model.named_parameters()}
-    if buffers:
-        out.update({n: b.detach() for n, b in model.named_buffers() if b.is_floating_point()})
+    if buffers:  # copies: a train-mode BatchNorm updates the running statistics it is handed, in place
+        out.update({n: b for n, b in copy_buffers(model).items() if b.is_floating_point()})
     return out
 
 
@@ -355,7 +355,8 @@ def _endpoint_state(
                 f"model_a and model_b have different architectures: {what} {n!r} has shape {tuple(ta.shape)} in "
                 f"model_a but {tuple(tb.shape)} in model_b."
             )
-        state_b[n] = tb.detach().to(device=ta.device, dtype=ta.dtype)
+        tb = tb.detach().to(device=ta.device, dtype=ta.dtype)
+        state_b[n] = tb if n in param_names else tb.clone()  # never the caller's buffer storage
     return state_a, state_b
 
 

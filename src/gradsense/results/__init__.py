@@ -1,8 +1,15 @@
 """Result types and their persistence (safetensors + JSON, atomic, no pickle)."""
 
-from gradsense.results.base import Result, Stopwatch, atomic_write_bytes, atomic_write_text, versions
+from gradsense.results.base import (
+    Result,
+    ResultFileError,
+    Stopwatch,
+    atomic_write_bytes,
+    atomic_write_text,
+    versions,
+)
 
-__all__ = ["Result", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
+__all__ = ["Result", "ResultFileError", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
 
 from gradsense.results.attribution import AttributionResult
 

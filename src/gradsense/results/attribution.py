@@ -23,6 +23,8 @@ class AttributionResult(Result):
 
     kind = "attribution"
 
+    required_tensors = ("attributions", "inputs", "scores")
+
     @property
     def attributions(self) -> Tensor:
         """Attribution map, same shape as the inputs."""

@@ -55,6 +55,8 @@ class EigenResult(_Groups, Result):
 
     kind = "curvature"
 
+    required_tensors = ("eigenvalues", "residuals", "pair_converged")
+
     @property
     def eigenvalues(self) -> Tensor:
         """The eigenvalues (float64)."""
@@ -158,6 +160,8 @@ class TraceResult(_Groups, Result):
 
     kind = "curvature"
 
+    required_tensors = ("trace", "stderr")
+
     @property
     def value(self) -> float:
         """The estimated trace."""
@@ -238,6 +242,8 @@ class DensityResult(_Groups, Result):
     """
 
     kind = "curvature"
+
+    required_tensors = ("grid", "density", "ritz_values", "weights", "sigma")
 
     @property
     def grid(self) -> Tensor:

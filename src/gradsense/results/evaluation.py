@@ -59,6 +59,9 @@ class MetricResult(Result):
 
     kind = "evaluation"
 
+    required_tensors = ("values",)
+    required_meta = (("mean", "number"), ("stderr", "number"))
+
     @property
     def values(self) -> Tensor:
         """The metric of each example."""
@@ -124,6 +127,8 @@ class CurveResult(MetricResult):
     Tensors: ``values`` (AUC per example), ``curves`` ``(N, steps + 1)``, ``fractions`` ``(steps + 1,)``.
     """
 
+    required_tensors = ("values", "curves", "fractions")
+
     @property
     def curves(self) -> Tensor:
         """Score of each example (rows) at each fraction (columns)."""
@@ -161,6 +166,8 @@ class RandomizationResult(MetricResult):
     correlation with every layer randomised. Meta: ``layers`` (names, output first), ``passed`` (the maps
     changed: mean final Spearman below ``threshold``).
     """
+
+    required_tensors = ("values", "spearman", "ssim")
 
     @property
     def layers(self) -> list[str]:
@@ -216,6 +223,8 @@ class TaylorResult(MetricResult):
     (``inf`` if it never does on the grid).
     """
 
+    required_tensors = ("values", "radii")
+
     @property
     def radii(self) -> Tensor:
         """The perturbation radii (relative to each example's norm when ``relative=True``)."""
@@ -264,6 +273,8 @@ class MethodTable(Result):
     """
 
     kind = "evaluation"
+
+    required_meta = (("methods", "list[str]"), ("columns", "list[str]"))
 
     @property
     def methods(self) -> list[str]:
@@ -343,6 +354,9 @@ class GlobalSensitivityResult(Result):
     """
 
     kind = "evaluation"
+
+    required_tensors = ("spearman", "mean_abs_order1", "mean_order1")
+    required_meta = (("order", "int"),)
 
     @property
     def order(self) -> int:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,7 +23,36 @@ from torch import Tensor
 
 from gradsense.results.base import Result
 
-__all__ = ["BitsResult", "ImportanceResult", "PruneResult", "SweepResult"]
+__all__ = ["BitsResult", "ImportanceResult", "ImportanceVerbs", "PruneResult", "SweepResult", "attach_verbs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportanceVerbs:
+    """What the result types need from the importance analysis, handed to them by it (results never import it).
+
+    Attributes:
+        prune: ``(result, sparsity, *, structure, scope, floor, measure) -> PruneResult``.
+        allocate_bits: ``(result, mean_bits, *, choices, measure) -> BitsResult``.
+        measurer: ``(model, loss_fn, data, *, calibration, metric, batch_size) -> (change -> measurement dict)``.
+    """
+
+    prune: Callable[..., PruneResult]
+    allocate_bits: Callable[..., BitsResult]
+    measurer: Callable[..., Callable[[Any], dict[str, Any]]]
+
+
+_VERBS: list[ImportanceVerbs] = []
+
+
+def attach_verbs(verbs: ImportanceVerbs) -> None:
+    """Called by :mod:`gradsense.importance` when it is imported: the verbs behind the result methods."""
+    _VERBS[:] = [verbs]
+
+
+def _verbs(what: str) -> ImportanceVerbs:
+    if not _VERBS:
+        raise RuntimeError(f"{what} needs the importance analysis: import gradsense (or gradsense.importance) first.")
+    return _VERBS[0]
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -64,12 +93,21 @@ class ImportanceResult(Result):
     (Hutch++ per structure), ``hdiag/<param>`` (the Hessian diagonal), ``qerr/<param>`` (``||Q_b(W) - W||^2`` for
     ``b = 2..16``).
 
+    A result from :func:`gradsense.importance.importance` keeps the run's model, loss and data in ``context`` (not
+    saved), so that :meth:`prune` and :meth:`allocate_bits` measure on its held-out data. That measurement checks
+    first that the model is still the one that was scored - the same weights and buffers (hash), BatchNorm/Dropout
+    in eval mode - and raises a clear error otherwise (pass ``measure=False`` to skip it). A result read back
+    with :meth:`Result.load` has no context: it prunes and allocates bits just the same (they need only the saved
+    scores and shapes), without a measurement; measure those with ``PruneResult.measure(model, loss_fn, data)``.
+
     Attributes:
         context: The run's model, loss and data (not saved; ``None`` after :meth:`Result.load`).
     """
 
     context: Any = dataclasses.field(default=None, compare=False)
     kind = "importance"
+
+    required_meta = (("keys", "list[str]"), ("param_names", "list[str]"), ("param_shapes", "list[shape]"))
 
     @property
     def granularity(self) -> str:
@@ -112,16 +150,13 @@ class ImportanceResult(Result):
     def prune(self, sparsity: float | None = None, structure: str = "unstructured", scope: str = "global", *,
               floor: int | float = 0, measure: bool = True) -> PruneResult:
         """Masks that remove the lowest-scored weights or units (see :func:`gradsense.importance.api.prune`)."""
-        from gradsense.importance.api import prune
-
-        return prune(self, sparsity, structure=structure, scope=scope, floor=floor, measure=measure)
+        return _verbs("ImportanceResult.prune").prune(self, sparsity, structure=structure, scope=scope, floor=floor,
+                                                      measure=measure)
 
     def allocate_bits(self, mean_bits: float, choices: tuple[int, ...] = (2, 3, 4, 8), *,
                       measure: bool = True) -> BitsResult:
         """HAWQ-V2 bit widths under an average budget (see :func:`gradsense.importance.api.allocate_bits`)."""
-        from gradsense.importance.api import allocate_bits
-
-        return allocate_bits(self, mean_bits, choices=choices, measure=measure)
+        return _verbs("ImportanceResult.allocate_bits").allocate_bits(self, mean_bits, choices=choices, measure=measure)
 
     @property
     def title(self) -> str:
@@ -196,6 +231,8 @@ class PruneResult(_MappingResult, Result):
 
     kind = "importance"
 
+    required_meta = (("structure", "str"), ("scope", "str"))
+
     def _items(self) -> dict[str, Tensor]:
         return {k[5:]: v for k, v in self.tensors.items() if k.startswith("mask/")}
 
@@ -212,10 +249,9 @@ class PruneResult(_MappingResult, Result):
     def measure(self, model: Any, loss_fn: Any, data: Any, *, calibration: Any = None, metric: Any = "auto",
                 batch_size: int = 256) -> PruneResult:
         """A copy of this result with the change measured on ``data`` (see :func:`gradsense.importance.measure`)."""
-        from gradsense.importance.measure import measure
-
-        m = measure(model, loss_fn, data, self.masks, calibration=calibration, metric=metric, batch_size=batch_size)
-        return dataclasses.replace(self, meta={**self.meta, "measured": m})
+        meas = _verbs("PruneResult.measure").measurer(model, loss_fn, data, calibration=calibration, metric=metric,
+                                                      batch_size=batch_size)
+        return dataclasses.replace(self, meta={**self.meta, "measured": meas(self.masks)})
 
     @property
     def title(self) -> str:
@@ -252,6 +288,8 @@ class BitsResult(_MappingResult, Result):
 
     kind = "importance"
 
+    required_meta = (("bits", "dict[str, int]"),)
+
     def _items(self) -> dict[str, int]:
         return {k: int(v) for k, v in (self.meta.get("bits") or {}).items()}
 
@@ -268,9 +306,8 @@ class BitsResult(_MappingResult, Result):
     def measure(self, model: Any, loss_fn: Any, data: Any, *, calibration: Any = None, metric: Any = "auto",
                 batch_size: int = 256) -> BitsResult:
         """A copy with the allocation (and uniform bits at the same budget) measured on ``data``."""
-        from gradsense.importance.measure import Measurer
-
-        meas = Measurer(model, loss_fn, data, calibration=calibration, metric=metric, batch_size=batch_size)
+        meas = _verbs("BitsResult.measure").measurer(model, loss_fn, data, calibration=calibration, metric=metric,
+                                                     batch_size=batch_size)
         extra: dict[str, Any] = {"measured": meas(self.bits)}
         uniform = self.meta.get("uniform_bits")
         if uniform is not None:
@@ -314,6 +351,9 @@ class SweepResult(Result):
     """
 
     kind = "importance"
+
+    required_tensors = ("loss", "metric", "predicted_first_order", "predicted_second_order", "achieved")
+    required_meta = (("methods", "list[str]"), ("sparsities", "list[number]"), ("loss_before", "number"))
 
     @property
     def methods(self) -> list[str]:

@@ -50,6 +50,9 @@ class SurfaceResult(Result):
 
     kind = "landscape"
 
+    required_tensors = ("alphas", "losses")
+    required_meta = (("center_loss", "number"), ("settings", "dict"))
+
     @property
     def alphas(self) -> Tensor:
         """Coordinates along the first direction."""
@@ -287,6 +290,8 @@ class InterpolationResult(Result):
 
     kind = "landscape"
 
+    required_tensors = ("alphas", "losses")
+
     @property
     def alphas(self) -> Tensor:
         """Interpolation coefficients ``t``."""
@@ -372,6 +377,8 @@ class SharpnessResult(Result):
     """
 
     kind = "landscape"
+
+    required_meta = (("value", "number"), ("loss", "number"), ("n_loss", "int"), ("n_grad", "int"), ("n_hvp", "int"))
 
     @property
     def value(self) -> float:

@@ -41,7 +41,15 @@ class RunFolder:
                 raise ValueError(f"cannot read {manifest}: {err}; delete it or use another folder.") from err
 
     def save_result(self, result: Result, name: str) -> Path:
-        """Save ``result`` under ``NAME/`` and list it in the manifest (replacing an entry of that name)."""
+        """Save ``result`` under ``NAME/`` and list it in the manifest (replacing an entry of that name).
+
+        The result is saved all-or-nothing first (:meth:`Result.save`), then the manifest is replaced atomically:
+        an interruption leaves the previous manifest, listing only results that are complete on disk.
+
+        Raises:
+            ValueError: ``name`` is not one plain folder name (empty, a path, ``.``/``..``, or hidden).
+        """
+        _check_name(name)
         out = result.save(self.path / name)
         entry = {"name": name, "type": type(result).__name__, "method": result.method, "path": name}
         self.entries = [e for e in self.entries if e.get("name") != name] + [entry]
@@ -49,9 +57,14 @@ class RunFolder:
         return out
 
     def save_figure(self, fig: Any, name: str, dpi: int = 110) -> Path:
-        """Save a matplotlib Figure as ``figures/NAME.png``."""
+        """Save a matplotlib Figure as ``figures/NAME.png`` (atomically).
+
+        Raises:
+            ValueError: ``name`` is not one plain file name.
+        """
         import io
 
+        _check_name(name)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
         return atomic_write_bytes(self.path / "figures" / f"{name}.png", buf.getvalue())
@@ -60,3 +73,13 @@ class RunFolder:
         manifest = {"created": self.created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": versions(), "results": self.entries}
         atomic_write_text(self.path / "manifest.json", json.dumps(manifest, indent=2))
+
+
+def _check_name(name: Any) -> str:
+    """A result or figure name must stay inside the run folder: one plain, visible path component."""
+    if not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".") \
+            or any(sep in name for sep in ("/", "\\", os.sep)) or "\x00" in name:
+        raise ValueError(
+            f"name must be one plain folder/file name inside the run folder (no '/', no leading '.'), got {name!r}."
+        )
+    return name

@@ -85,19 +85,46 @@ class _Section:
     source: str | None = None  # the command that added it (sections of one source are replaced together)
 
 
+_PNG_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/]+={0,2}")
+_ANCHOR = re.compile(r"sec-[a-z0-9-]{1,80}")
+
+
+def _stored_image(i: Mapping[str, Any]) -> _Image:
+    """An image of ``report.json``, refused unless its source is an embedded PNG (a ``data:`` URI, nothing else)."""
+    uri = i["data_uri"]
+    if not isinstance(uri, str) or not _PNG_URI.fullmatch(uri):
+        raise ValueError(f"an image source is not an embedded PNG (data:image/png;base64,...): {str(uri)[:60]!r}")
+    head = uri.split(",", 1)[1][:16]
+    if len(head) < 16 or not base64.b64decode(head).startswith(PNG_SIGNATURE):
+        raise ValueError("an image source is not a PNG (missing PNG signature)")
+    width, height = i["width"], i["height"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v < 100_000 for v in (width, height)):
+        raise ValueError(f"an image has an invalid size {width!r} x {height!r}")
+    caption = i["caption"]
+    if caption is not None and not isinstance(caption, str):
+        raise ValueError("an image caption is not text")
+    return _Image(uri, width, height, caption, str(i["alt"]))
+
+
 def _section_from_json(d: Mapping[str, Any]) -> _Section:
+    """A section of ``report.json``; anything that would not have come from :meth:`Report.write` is refused."""
     table = d.get("table")
+    anchor, level = d["anchor"], d["level"]
+    if not isinstance(anchor, str) or not _ANCHOR.fullmatch(anchor):
+        raise ValueError(f"a section anchor is not a slug: {str(anchor)[:60]!r}")
+    if isinstance(level, bool) or not isinstance(level, int) or not _MIN_LEVEL <= level <= _MAX_LEVEL:
+        raise ValueError(f"a section level must be {_MIN_LEVEL}..{_MAX_LEVEL}, got {level!r}")
+    source = d.get("source")
     return _Section(
         title=str(d["title"]),
-        anchor=str(d["anchor"]),
-        level=int(d["level"]),
+        anchor=anchor,
+        level=level,
         paragraphs=[str(p) for p in d["paragraphs"]],
         table=None if table is None else _Table(
             [str(h) for h in table["header"]], [[(str(t), bool(num)) for t, num in row] for row in table["rows"]]
         ),
-        images=[_Image(str(i["data_uri"]), int(i["width"]), int(i["height"]), i["caption"], str(i["alt"]))
-                for i in d["images"]],
-        source=d.get("source"),
+        images=[_stored_image(i) for i in d["images"]],
+        source=None if source is None else str(source),
     )
 
 
@@ -194,7 +221,10 @@ class Report:
             The report, ready for :meth:`add_section` and :meth:`write`.
 
         Raises:
-            ValueError: If the stored sections cannot be read (the message names the file).
+            ValueError: If the stored sections cannot be read, or hold anything :meth:`write` would not have
+                written there - an image source other than an embedded PNG (``javascript:``, ``http:`` URLs), an
+                anchor that is not a slug, a level outside 2..4 - (the message names the file). Text is escaped
+                when the page is rendered, so titles, captions and cells cannot inject markup either.
         """
         report = cls(title, dpi=dpi, source=source)
         store = _store_path(path)

@@ -221,6 +221,7 @@ def dataset(name: str, split: str = "test") -> ZooDataset:
         A fresh :class:`ZooDataset` whose tensors the caller may modify freely.
 
     Raises:
+        TypeError: if ``name`` is not a string (e.g. a list of names).
         ValueError: if ``name`` or ``split`` is unknown; the message lists the choices.
 
     Example:
@@ -229,7 +230,13 @@ def dataset(name: str, split: str = "test") -> ZooDataset:
         >>> tuple(x.shape), y.dtype
         ((16, 1, 8, 8), torch.int64)
     """
-    key = name.removeprefix("zoo:") if isinstance(name, str) else name
+    if not isinstance(name, str):
+        one = f" (one dataset at a time: dataset({name[0]!r}))" if isinstance(name, (list, tuple)) and name else ""
+        raise TypeError(
+            f"dataset name must be a str such as 'digits', got {type(name).__name__} {name!r}{one}; "
+            f"available datasets: {datasets()}."
+        )
+    key = name.removeprefix("zoo:")
     if key not in _LOADERS:
         raise ValueError(f"unknown zoo dataset {name!r}; available datasets: {datasets()}")
     if split not in SPLITS:

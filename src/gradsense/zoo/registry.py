@@ -120,7 +120,8 @@ def normalize_name(name: str) -> str:
         TypeError: if ``name`` is not a string.
     """
     if not isinstance(name, str):
-        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+        one = f" (one model at a time: load({name[0]!r}))" if isinstance(name, (list, tuple)) and name else ""
+        raise TypeError(f"model name must be a str such as 'digits-cnn', got {type(name).__name__} {name!r}{one}.")
     return name.removeprefix("zoo:")
 
 

@@ -45,7 +45,35 @@ _FUNCTIONS = {
     "Result": "gradsense.results",
 }
 
-__all__ = sorted(["__version__", *_SUBMODULES, *_FUNCTIONS])
+__all__ = [
+    "AttributionResult",
+    "Result",
+    "__version__",
+    "attribute",
+    "attribute_tokens",
+    "attribution",
+    "core",
+    "curvature",
+    "evaluate",
+    "evaluation",
+    "global_sensitivity",
+    "hessian_eigs",
+    "hessian_trace",
+    "importance",
+    "interpolate",
+    "io",
+    "landscape",
+    "load_data",
+    "load_model",
+    "loss_surface",
+    "losses",
+    "results",
+    "sharpness",
+    "spectral_density",
+    "targets",
+    "viz",
+    "zoo",
+]
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on first use
     from gradsense import (

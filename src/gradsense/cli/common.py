@@ -24,7 +24,6 @@ import functools
 import json
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+
+from gradsense.viz.text import is_number_like  # numbers are recognised alike here and in the HTML report
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -133,36 +134,73 @@ def _main_one_line(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- tables
-_NUMBER = re.compile(r"[~<>]?[+-]?(\d[\d,]*\.?\d*|\.\d+)([eE][+-]?\d+)?%?[x]?")
-
-
-def is_number_like(text: str) -> bool:
-    """A number, or numbers joined by ``±``/``+-``/``->``/``/`` (``0.936 +- 0.0057``): never to be split."""
-    tokens = str(text).split()
-    if not tokens:
-        return False
-    return all(_NUMBER.fullmatch(t) or t in ("±", "+-", "->", "/", "x") for t in tokens) and any(
-        _NUMBER.fullmatch(t) for t in tokens)
-
-
 def _longest_word(text: str) -> int:
     return max((len(w) for w in str(text).split()), default=0)
 
 
+def column_widths(header: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[int] | None:
+    """Widths of the columns of a table that fits ``width`` characters with every number and word whole.
+
+    Each column starts at its natural width (its longest cell or header) and, while the table is too wide,
+    the widest column that can still shrink loses a character; no column goes below its longest word (a
+    number-like cell counts as one word: ``0.936 +- 0.0057`` is never split). ``None`` when that floor is
+    already too wide.
+    """
+    n = max(len(header), max((len(r) for r in rows), default=0))
+    cols = [[str(r[j]) if j < len(r) else "" for r in rows] for j in range(n)]
+    head = [str(header[j]) if j < len(header) else "" for j in range(n)]
+    avail = width - (3 * n + 1)  # a border and one space of padding on each side of every cell
+    widths = [max([len(head[j]), *(len(c) for c in cols[j])], default=0) for j in range(n)]
+    floor = [max([_longest_word(head[j]), *((len(c) if is_number_like(c) else _longest_word(c)) for c in cols[j])],
+                 default=0) for j in range(n)]
+    if sum(floor) > avail:
+        return None
+    while sum(widths) > avail:
+        j = max((k for k in range(n) if widths[k] > floor[k]), key=lambda k: widths[k])
+        widths[j] -= 1
+    return widths
+
+
 def layout_for(header: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> str:
-    """``"plain"`` (fits as it is), ``"wrap"`` (fits with wrapped words) or ``"blocks"`` (one block per row)."""
+    """``"plain"`` (fits as it is), ``"wrap"`` (fits with wrapped words) or ``"blocks"`` (does not fit)."""
     n = max(len(header), max((len(r) for r in rows), default=0))
     if n == 0:
         return "plain"
-    cols = [[str(r[j]) if j < len(r) else "" for r in rows] for j in range(n)]
-    head = [str(header[j]) if j < len(header) else "" for j in range(n)]
-    overhead = 3 * n + 1  # a border and one space of padding on each side of every cell
-    natural = [max([len(head[j]), *(len(c) for c in cols[j])]) for j in range(n)]
-    if sum(natural) + overhead <= width:
-        return "plain"
-    minimum = [max([_longest_word(head[j]), *((len(c) if is_number_like(c) else _longest_word(c)) for c in cols[j])])
+    natural = [max([len(str(header[j])) if j < len(header) else 0, *(len(str(r[j])) for r in rows if j < len(r))])
                for j in range(n)]
-    return "wrap" if sum(minimum) + overhead <= width else "blocks"
+    if sum(natural) + 3 * n + 1 <= width:
+        return "plain"
+    return "wrap" if column_widths(header, rows, width) is not None else "blocks"
+
+
+def _column_groups(head: list[str], cells: list[list[str]], width: int) -> list[list[int]] | None:
+    """Split the columns into tables that each fit ``width``, every one repeating the key columns (those up to
+    and including the first text column, e.g. ``rank, method``); ``None`` when even one extra column does not fit."""
+    n = len(head)
+    key: list[int] = []
+    for j in range(n):
+        key.append(j)
+        if not all(is_number_like(r[j]) for r in cells if j < len(r)):
+            break
+    rest = [j for j in range(n) if j not in key]
+    if not rest:
+        return None
+
+    def fits(cols: list[int]) -> bool:
+        return layout_for([head[j] for j in cols], [[r[j] for j in cols] for r in cells], width) != "blocks"
+
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for j in rest:
+        if fits([*key, *current, j]):
+            current.append(j)
+        elif current and fits([*key, j]):
+            groups.append(key + current)
+            current = [j]
+        else:
+            return None
+    groups.append(key + current)
+    return groups
 
 
 def render_table(out: Any, title: str | None, header: Sequence[str], rows: Sequence[Sequence[Any]],
@@ -170,7 +208,8 @@ def render_table(out: Any, title: str | None, header: Sequence[str], rows: Seque
     """Print a table on the rich console ``out`` so that no number and no word is cut.
 
     Wide tables wrap their text at spaces (numbers never); when even that does not fit the console width
-    (80 columns when the output is piped), every row becomes a block of ``column: value`` lines.
+    (80 columns when the output is piped) the columns are split over several tables that repeat the key
+    columns, and failing that every row becomes a block of ``column  value`` lines.
     """
     from rich.table import Table
 
@@ -178,19 +217,27 @@ def render_table(out: Any, title: str | None, header: Sequence[str], rows: Seque
     head = [str(h) for h in header]
     n = max(len(head), max((len(r) for r in cells), default=0))
     head = head + [""] * (n - len(head))
-    numeric = [bool(cells) and all(is_number_like(r[j]) or r[j] in ("", "n/a", "-") for r in cells if j < len(r))
-               for j in range(n)]
+    cells = [r + [""] * (n - len(r)) for r in cells]
     layout = layout_for(head if show_header else [""] * n, cells, out.width)
+    if layout == "blocks" and show_header:
+        groups = _column_groups(head, cells, out.width)
+        if groups is not None:
+            for i, cols in enumerate(groups):
+                part = f"{title} ({i + 1}/{len(groups)})" if title else None
+                render_table(out, part, [head[j] for j in cols], [[r[j] for j in cols] for r in cells])
+            return
     if layout != "blocks":
-        table = Table(title=title, title_justify="left", show_header=show_header)
+        widths = column_widths(head if show_header else [""] * n, cells, out.width) if layout == "wrap" else None
+        if title:  # on its own line: it wraps at the console's width, not the table's
+            out.print(f"[bold]{_escape(title)}[/]")
+        table = Table(show_header=show_header)
         for j in range(n):
-            num_cells = [r[j] for r in cells if j < len(r) and is_number_like(r[j])]
-            table.add_column(head[j], justify="right" if numeric[j] else "left",
-                             no_wrap=layout == "plain" or numeric[j],
-                             min_width=max((len(c) for c in num_cells), default=None) if num_cells else None,
-                             overflow="fold")
+            col = [r[j] for r in cells]
+            numeric = bool(cells) and all(is_number_like(c) or c in ("", "n/a", "-") for c in col)
+            table.add_column(head[j], justify="right" if numeric else "left", no_wrap=layout == "plain",
+                             width=None if widths is None else widths[j], overflow="fold")
         for r in cells:
-            table.add_row(*(r + [""] * (n - len(r))))
+            table.add_row(*r)
         out.print(table)
         return
     if title:
@@ -203,7 +250,7 @@ def render_table(out: Any, title: str | None, header: Sequence[str], rows: Seque
         first = f"{head[0]}: {r[0]}" if show_header and head[0] else r[0]
         out.print(f"[bold]{_escape(first)}[/]")
         for j in range(1, n):
-            grid.add_row(head[j] if show_header else "", r[j] if j < len(r) else "")
+            grid.add_row(head[j] if show_header else "", r[j])
         out.print(grid, crop=False)
 
 

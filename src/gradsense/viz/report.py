@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from gradsense.results.base import atomic_write_text, versions
 from gradsense.viz.figures import PNG_SIGNATURE, fig_to_png
+from gradsense.viz.text import is_number_like
 
 __all__ = ["Report", "slugify"]
 
@@ -72,6 +73,13 @@ class _Image:
 class _Table:
     header: list[str]
     rows: list[list[tuple[str, bool]]]  # (text, is_numeric)
+
+    @property
+    def numeric_columns(self) -> list[bool]:
+        """Columns whose every non-empty cell is a number: right-aligned."""
+        n = max([len(self.header), *(len(r) for r in self.rows)], default=0)
+        return [bool(self.rows) and all(r[j][1] or r[j][0] in ("", "n/a", "-") for r in self.rows if j < len(r))
+                and any(j < len(r) and r[j][1] for r in self.rows) for j in range(n)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +148,8 @@ def _table(table: tuple[Sequence[Any], Sequence[Sequence[Any]]] | None) -> _Tabl
         cells = list(row)
         if head and len(cells) != len(head):
             raise ValueError(f"table row {i} has {len(cells)} cells but the header has {len(head)} columns.")
-        out.append([(str(c), isinstance(c, (int, float)) and not isinstance(c, bool)) for c in cells])
+        out.append([(str(c), (isinstance(c, (int, float)) and not isinstance(c, bool)) or is_number_like(c))
+                    for c in cells])
     return _Table(head, out)
 
 
@@ -262,7 +271,10 @@ class Report:
             text: Plain text; blank lines separate paragraphs, single newlines are kept. It is
                 escaped, never interpreted as HTML.
             table: ``(header, rows)``: column names and rows of cells; every cell is shown as
-                ``str(cell)``. Rows must have as many cells as the header (if it is non-empty).
+                ``str(cell)``. Rows must have as many cells as the header (if it is non-empty). Numbers
+                (ints, floats and number-like strings such as ``"0.936 +- 0.0057"``) are right-aligned and
+                never wrap; other cells wrap only between words, and a table wider than the page scrolls
+                sideways inside its own box.
             figures: A sequence of matplotlib Figures, PNG bytes, or ``(caption, figure)`` pairs
                 (a single figure or pair is accepted too). Figures are rendered and closed now.
             level: Heading level, 2 (top) to 4 (nested).

@@ -48,11 +48,16 @@ def attribute_cmd(
 
     \b
     Examples:
-      gradsense attribute --model zoo:digits-cnn --data zoo:digits --method integrated_gradients --out runs/ig
-      gradsense attribute --model zoo:digits-cnn --input my_digit.png --method smoothgrad
-      gradsense attribute --model my.py:build --weights w.pt --data photos/ --input-shape 3,64,64 --normalize 0.5,0.25
-      gradsense attribute --model zoo:breast-cancer-mlp --data patients.csv --label-column diagnosis --method ig
-      gradsense attribute --model zoo:minilm --text "A person plays music." --compare "A man plays guitar."
+      gradsense attribute --model zoo:digits-cnn --data zoo:digits \\
+          --method integrated_gradients --out runs/ig
+      gradsense attribute --model zoo:digits-cnn --input my_digit.png \\
+          --method smoothgrad
+      gradsense attribute --model my.py:build --weights w.pt --data photos/ \\
+          --input-shape 3,64,64 --normalize 0.5,0.25
+      gradsense attribute --model zoo:breast-cancer-mlp --data patients.csv \\
+          --label-column diagnosis --method ig
+      gradsense attribute --model zoo:minilm --text "A person plays music." \\
+          --compare "A man plays guitar."
     """
     import gradsense as gs
     from gradsense.attribution import get_method

@@ -133,6 +133,19 @@ def _main_one_line(main: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     return code
 
 
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show Python warnings as one ``warning: ...`` line on stderr each (not file, line and source)."""
+    import warnings
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 # --------------------------------------------------------------------------------------------- tables
 def _longest_word(text: str) -> int:
     return max((len(w) for w in str(text).split()), default=0)
@@ -322,6 +335,10 @@ class Run:
         self._doc: dict[str, Any] = {"command": command, "options": {k: v for k, v in options.items()},
                                      "results": {}, "tables": [], "notes": [], "files": []}
         self._folder: Any = None
+        from rich.console import Console
+
+        # stdout, sized when the run starts: the terminal's width, else COLUMNS, else 80 (piped output)
+        self.console = Console(highlight=False)
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -510,7 +527,7 @@ class Run:
             self._doc["tables"].append({"name": name or title, "title": title,
                                         "header": [str(h) for h in header], "rows": rows})
             return
-        render_table(console, title, header, rows, show_header=show_header)
+        render_table(self.console, title, header, rows, show_header=show_header)
 
     def rows(self, title: str | None, rows: Sequence[tuple[str, str]], *, name: str | None = None) -> None:
         """Print key/value rows as a two-column table (or keep them for ``--json``)."""
@@ -521,7 +538,7 @@ class Run:
         if self.json:
             self._doc["notes"].append(text)
         else:
-            console.print(_escape(text))
+            self.console.print(_escape(text))
 
     def add(self, name: str, result: Any) -> None:
         """Add a result to the ``--json`` document (without saving it)."""
@@ -554,7 +571,7 @@ class Run:
         """Say that a file was written."""
         self._doc["files"].append(str(path))
         if not self.json:
-            console.print(f"wrote {_escape(str(path))}")
+            self.console.print(f"wrote {_escape(str(path))}")
 
     def finish(self) -> None:
         """Print the ``--json`` document (stdout) and the total time (stderr)."""
@@ -653,7 +670,8 @@ def analysis_command(
             shared = {k: kwargs.pop(k) for k in list(kwargs) if k in _SHARED}
             _check_options(shared)
             run = Run(name, shared)
-            fn(run, **kwargs)
+            with one_line_warnings():
+                fn(run, **kwargs)
             run.finish()
 
         options: list[Callable[[Any], Any]] = []

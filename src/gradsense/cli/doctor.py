@@ -18,7 +18,8 @@ def doctor_cmd(run: Run) -> None:
     \b
     Examples:
       gradsense doctor --model zoo:digits-cnn --batch-size 64
-      gradsense doctor --model my_model.py:build --weights w.pt --input-shape 3,32,32
+      gradsense doctor --model my_model.py:build --weights w.pt \\
+          --input-shape 3,32,32
       gradsense doctor --model hf:./my-bert --data reviews.jsonl
     """
     import torch

@@ -50,10 +50,14 @@ def evaluate_cmd(
 
     \b
     Examples:
-      gradsense evaluate --model zoo:block-digits-cnn --methods all --out runs/eval
-      gradsense evaluate --model zoo:digits-cnn --methods saliency,integrated_gradients,gradcam --n 32
-      gradsense evaluate --model zoo:breast-cancer-mlp --order 3 --out runs/tabular
-      gradsense evaluate --model zoo:breast-cancer-mlp --data patients.csv --label-column diagnosis --order 2
+      gradsense evaluate --model zoo:block-digits-cnn --methods all \\
+          --out runs/eval
+      gradsense evaluate --model zoo:digits-cnn \\
+          --methods saliency,integrated_gradients,gradcam --n 32
+      gradsense evaluate --model zoo:breast-cancer-mlp --order 3 \\
+          --out runs/tabular
+      gradsense evaluate --model zoo:breast-cancer-mlp --data patients.csv \\
+          --label-column diagnosis --order 2
     """
     from gradsense.attribution import get_method
     from gradsense.evaluation import global_sensitivity, method_table

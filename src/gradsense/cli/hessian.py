@@ -69,9 +69,12 @@ def hessian_cmd(run: Run, per: str | None, k: int, tol: float, rtol: float, step
 
     \b
     Examples:
-      gradsense hessian --model zoo:digits-cnn --data zoo:digits --per layer --out runs/hessian
-      gradsense hessian --model zoo:digits-cnn --data zoo:digits --k 10 --n 540 --seed 1 --json
-      gradsense hessian --model my.py:build --weights ckpt.pt --data val.npz --loss mse --batch-size 64
+      gradsense hessian --model zoo:digits-cnn --data zoo:digits --per layer \\
+          --out runs/hessian
+      gradsense hessian --model zoo:digits-cnn --data zoo:digits --k 10 --n 540 \\
+          --seed 1 --json
+      gradsense hessian --model my.py:build --weights ckpt.pt --data val.npz \\
+          --loss mse --batch-size 64
     """
     from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
 

@@ -121,11 +121,16 @@ def importance_cmd(
 
     \b
     Examples:
-      gradsense importance --model zoo:digits-cnn --data zoo:digits --method taylor --sparsity 0.5 --out runs/imp
-      gradsense importance --model zoo:digits-cnn --data zoo:digits --method hessian --structure 2:4 --bits 4
-      gradsense importance --model zoo:digits-cnn --data zoo:digits --method taylor --structure channel --sparsity 0.3
-      gradsense importance --model my.py:build --weights w.pt --data train.npz --heldout val.npz --method taylor2
-      gradsense importance --model zoo:minilm --data sentence-pairs --method taylor --structure head --sparsity 0.25
+      gradsense importance --model zoo:digits-cnn --data zoo:digits \\
+          --method taylor --sparsity 0.5 --out runs/imp
+      gradsense importance --model zoo:digits-cnn --data zoo:digits \\
+          --method hessian --structure 2:4 --bits 4
+      gradsense importance --model zoo:digits-cnn --data zoo:digits \\
+          --method taylor --structure channel --sparsity 0.3
+      gradsense importance --model my.py:build --weights w.pt --data train.npz \\
+          --heldout val.npz --method taylor2
+      gradsense importance --model zoo:minilm --data sentence-pairs \\
+          --method taylor --structure head --sparsity 0.25
     """
     from gradsense.importance import METHODS, importance, sweep
     from gradsense.importance.bits import check_bits, check_choices

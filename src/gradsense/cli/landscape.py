@@ -32,9 +32,12 @@ def landscape_cmd(
 
     \b
     Examples:
-      gradsense landscape --model zoo:digits-cnn --data zoo:digits --out runs/landscape
-      gradsense landscape --model zoo:digits-cnn --data zoo:digits --dims 1 --steps 41 --span 2
-      gradsense landscape --model zoo:breast-cancer-mlp --data zoo:breast-cancer --directions hessian
+      gradsense landscape --model zoo:digits-cnn --data zoo:digits \\
+          --out runs/landscape
+      gradsense landscape --model zoo:digits-cnn --data zoo:digits --dims 1 \\
+          --steps 41 --span 2
+      gradsense landscape --model zoo:breast-cancer-mlp --data zoo:breast-cancer \\
+          --directions hessian
     """
     from gradsense.landscape import loss_surface, sharpness
 

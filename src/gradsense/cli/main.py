@@ -16,14 +16,19 @@ from gradsense.cli.landscape import landscape_cmd
 
 EPILOG = """\b
 Examples:
-  gradsense demo --out gradsense-demo          # HTML report on the bundled digits CNN
-  gradsense doctor --model zoo:digits-cnn      # what the model is and which analyses apply
-  gradsense doctor --model my_model.py:build --weights w.pt --input-shape 3,32,32
-  gradsense attribute --model zoo:digits-cnn --data zoo:digits --method saliency --n 8 --out runs/sal
-  gradsense evaluate --model zoo:block-digits-cnn --methods all --out runs/eval
-  gradsense hessian --model zoo:digits-cnn --data zoo:digits --per layer --out runs/hessian
-  gradsense importance --model zoo:digits-cnn --data zoo:digits --method taylor --sparsity 0.5 --out runs/imp
-  gradsense landscape --model zoo:digits-cnn --data zoo:digits --steps 21 --out runs/landscape
+  gradsense demo --out gradsense-demo     # HTML report on the bundled models
+  gradsense doctor --model zoo:digits-cnn # what it is, which analyses apply
+  gradsense doctor --model my.py:build --weights w.pt --input-shape 3,32,32
+  gradsense attribute --model zoo:digits-cnn --data zoo:digits --n 8 \\
+      --method integrated_gradients --out runs/ig
+  gradsense evaluate --model zoo:block-digits-cnn --out runs/eval
+  gradsense hessian --model zoo:digits-cnn --data zoo:digits --per layer
+  gradsense importance --model zoo:digits-cnn --data zoo:digits \\
+      --method taylor --sparsity 0.5 --out runs/imp
+  gradsense landscape --model my.py:build --weights ckpt.pt --data val.npz
+\b
+Models: zoo:NAME, path/file.py:factory, package.module:factory, hf:DIR.
+Data: zoo:NAME, .npy/.npz/.safetensors/.pt, .csv, image folders, .txt/.jsonl.
 """
 
 

@@ -51,15 +51,14 @@ def read_torch_file(path: str | os.PathLike[str], what: str = "file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        detail = ""
-        for line in str(err).splitlines():
-            if "Unsupported global" in line or "Unsupported operand" in line:
-                detail = f" ({line.strip().removeprefix('WeightsUnpickler error: ')})"
-                break
+        found = [line.strip().removeprefix("WeightsUnpickler error: ") for line in str(err).splitlines()
+                 if "unsupported global" in line.lower() or "unsupported class" in line.lower()]
+        if not found:  # the restricted unpickler met bytes that are no pickle at all
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"{what} {path} is not a readable torch.save file ({first}).") from None
         raise ValueError(
-            f"{what} {path} holds pickled Python objects, not only tensors{detail or (': ' + first if first else '')}; "
-            "gradsense never unpickles (that can run code). Save a state dict "
+            f"{what} {path} holds pickled Python objects, not only tensors ({found[0]}); gradsense never unpickles "
+            "(that can run code), and nothing in the file was run. Save a state dict "
             "(torch.save(model.state_dict(), path)) or convert it to .safetensors."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, AttributeError, ValueError) as err:

@@ -215,6 +215,6 @@ def test_hf_unknown_architecture_is_refused_without_running_code(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert", "architectures": ["EvilModelFromRemoteCode"], '
                                           '"auto_map": {"AutoModel": "evil.EvilModel"}}')
     (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').write('x')\n")
-    with pytest.raises(ValueError, match="never runs a model folder's own code")  # noqa: RUF043:
+    with pytest.raises(ValueError, match="never runs a model folder's own code"):
         gs.load_model(f"hf:{tmp_path}")
     assert not (tmp_path / "pwned").exists()

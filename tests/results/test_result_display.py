@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import gradsense as gs
-from gradsense.results import BitsResult, DensityResult, Result
+from gradsense.results import BitsResult, Result
 from gradsense.results.importance import prediction_verdict
 
 

@@ -86,7 +86,7 @@ def test_coinciding_series_stay_visible_and_are_named():
     y = 1.0 / x
     fig = line_chart(x, {"1st order (gradient)": y, "2nd order (+ curvature)": y.copy(), "other": 2 * y})
     (ax,) = fig.axes
-    first, second, third = ax.lines
+    first, second, _ = ax.lines
     np.testing.assert_array_equal(first.get_ydata(), second.get_ydata())
     assert first.get_linestyle() != second.get_linestyle()
     assert second.get_linewidth() < first.get_linewidth() and second.get_zorder() > first.get_zorder()

@@ -218,3 +218,27 @@ def test_hf_unknown_architecture_is_refused_without_running_code(tmp_path):
     with pytest.raises(ValueError, match="never runs a model folder's own code"):
         gs.load_model(f"hf:{tmp_path}")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_text_data_for_an_hf_dir_through_the_cli(tiny_classifier, tmp_path):
+    """JSONL text + an hf:DIR classifier: the token attribution explains each text's own label's logit."""
+    import json
+
+    from click.testing import CliRunner
+
+    from gradsense.cli.main import cli
+
+    path, ref, tok = tiny_classifier
+    lines = [("a good film", "pos"), ("really bad acting", "neg"), ("fine", "pos")]
+    (tmp_path / "rev.jsonl").write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in lines))
+    out = tmp_path / "run"
+    r = CliRunner().invoke(cli, ["attribute", "--model", f"hf:{path}", "--data", str(tmp_path / "rev.jsonl"),
+                                 "--method", "ig", "--option", "steps=4", "--out", str(out)], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    res = gs.Result.load(out / "tokens-integrated_gradients")
+    labels = torch.tensor([1, 0, 1])  # classes sorted: neg, pos
+    enc = tok([t for t, _ in lines], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = ref(**enc).logits.gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(res.tensors["target_scores"].double(), expected.double(), rtol=1e-5, atol=1e-6)
+    assert res.tokens[1][:3] == ["[CLS]", "really", "bad"]

@@ -95,7 +95,9 @@ def attribute_cmd(
             if data.texts is None:
                 raise ValueError(f"{run.options['data']} is not text.")
             sentences, labels = data.texts, data.labels
-        tgt: Any = similarity_target(model, compare) if compare is not None else _target(target, labels, run)
+        default = "label" if labels is not None else "predicted"
+        tgt: Any = similarity_target(model, compare) if compare is not None else \
+            _target(target if target is not None else default, labels, run)
         with run.stage(f"{tmethod} on {len(sentences)} text(s)"):
             result: Any = TokenAttribution(model, method=tmethod, **run.engine_kwargs(TokenAttribution, **opts)) \
                 .attribute(sentences, target=tgt)

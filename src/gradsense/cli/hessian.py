@@ -31,7 +31,8 @@ def _tables(run: Run, eigs: Any, trace: Any, density: Any) -> None:
     if eigs.gradient_overlap is not None:
         kv.append(("gradient in top-k eigenspace", f"{eigs.gradient_overlap:.1%}"))
     kv += [
-        ("density (SLQ)", f"{probes} probes x {density.ritz_values.shape[1]} steps, eigenvalues in "
+        ("density (SLQ)", f"{probes} probe{'s' if probes != 1 else ''} x {density.ritz_values.shape[1]} steps, "
+                          "eigenvalues in "
                           f"[{_fmt(float(density.ritz_values.min()), 4)}, {_fmt(float(density.ritz_values.max()), 4)}]"),
         ("loss", _fmt(float(eigs.meta.get("loss", float("nan"))))),
         ("Hessian-vector products", f"eigs {eigs.n_hvp}, trace {trace.n_hvp}, density {density.n_hvp}"),

@@ -705,6 +705,8 @@ def analysis_command(
                                   "memory)."),
                 click.option("--seed", default=0, show_default=True, type=int, help="seed of every random draw."),
             ]
+        # the run folder: where a later --resume flag belongs (add it here and "resume" to _SHARED; Run.resume
+        # already reads it), so every command gets it the same way
         options += [
             click.option("--out", default=None, type=click.Path(file_okay=False), metavar="DIR",
                          help="run folder to write (results, figures, report.html)."),

@@ -251,7 +251,8 @@ def test_version_and_help_answer_fast_without_heavy_imports():
 
 
 def test_piped_doctor_output_fits_80_columns():
-    r = _fresh("", "-m", "gradsense", "doctor", "--model", "zoo:digits-cnn", env={"COLUMNS": "80"})
+    r = _fresh("", "-m", "gradsense", "doctor", "--model", "zoo:digits-cnn", "--input-shape", "1,8,8",
+               env={"COLUMNS": "80"})
     assert r.returncode == 0, r.stderr
     assert max(len(line) for line in r.stdout.splitlines()) <= 80 and "…" not in r.stdout
     assert "ModuleList" in r.stdout  # the doctor's LeGrad line is whole (it was cut at 90 characters)

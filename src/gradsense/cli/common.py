@@ -727,3 +727,12 @@ def analysis_command(
 def print_rows(title: str, rows: list[tuple[str, str]]) -> None:
     """Print key/value rows as a table that fits the terminal (for code outside :class:`Run`)."""
     render_table(console, title, ["", ""], [[k, v] for k, v in rows], show_header=False)
+
+
+def model_option(fn: F) -> F:
+    """``--model SPEC`` and ``--weights FILE`` alone (kept for commands written before :func:`analysis_command`;
+    new commands use :func:`analysis_command`, which gives them the whole shared option set)."""
+    fn = click.option("--weights", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+                      help=".safetensors or .pt/.pth state dict (read with weights_only=True).")(fn)
+    return click.option("--model", "model_spec", required=True, metavar="SPEC",
+                        help="zoo:NAME, path/to/file.py:factory, package.module:factory or hf:DIR.")(fn)  # type: ignore[return-value]

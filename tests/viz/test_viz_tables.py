@@ -43,7 +43,7 @@ def test_css_keeps_numbers_and_words_whole_and_tables_scroll():
     cells = _css_rule(html, "th, td")
     assert "overflow-wrap: normal" in cells and "word-break: normal" in cells
     assert "white-space: nowrap" in _css_rule(html, "td.num")
-    assert "white-space: nowrap" in _css_rule(html, "td.tok")
+    assert "white-space: nowrap" in _css_rule(html, "td.tok, td .n")
     wrap = _css_rule(html, ".table-wrap")
     assert "overflow-x: auto" in wrap and "max-width: 100%" in wrap
 
@@ -69,6 +69,16 @@ def test_every_number_cell_is_marked_nowrap_and_every_table_is_in_a_scroll_box(p
                                                                           False, False]
     kv = tds[len(WIDE_HEADER) * len(WIDE_ROWS):]
     assert all("r" not in e.attrs.get("class", "").split() for e in kv)
+
+
+def test_numbers_inside_text_cells_are_kept_whole_and_still_escaped():
+    report = Report("t")
+    report.add_section("kv", table=(["key", "value"], [["mean", "0.05039 ± 0.0077 (Hutchinson estimate from 2 probes)"],
+                                                      ["hostile", "<b>1</b> & Conv2d x3"]]))
+    html = report.render()
+    assert '<span class="n">0.05039 ± 0.0077</span> (Hutchinson estimate from <span class="n">2</span> probes)' in html
+    assert '&lt;b&gt;<span class="n">1</span>&lt;/b&gt; &amp; Conv2d x3' in html  # digits inside words stay words
+    assert "<b>" not in html
 
 
 @pytest.mark.parametrize(

@@ -373,7 +373,9 @@ class Run:
             params = inspect.signature(fn).parameters
         except (TypeError, ValueError):
             params = {}  # type: ignore[assignment]
-        run = {"batch_size": self.batch_size, "max_memory": self.max_memory, "seed": self.seed}
+        # show_progress=False: the run's own stage display is the progress; a second live bar would garble it
+        run = {"batch_size": self.batch_size, "max_memory": self.max_memory, "seed": self.seed,
+               "show_progress": False}
         out = {k: v for k, v in run.items() if k in params and v is not None}
         out.update(extra)
         return out

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 from matplotlib.figure import Figure
 
 from gradsense.results.base import atomic_write_text, versions
 from gradsense.viz.figures import PNG_SIGNATURE, fig_to_png
-from gradsense.viz.text import is_number_like
+from gradsense.viz.text import is_number_like, number_groups
 
 __all__ = ["Report", "slugify"]
 
@@ -109,9 +110,17 @@ def _section_from_json(d: Mapping[str, Any]) -> _Section:
     )
 
 
+def _keep_numbers(text: str) -> markupsafe.Markup:
+    """Escaped ``text`` with every number group (``0.725 ± 0.01``) in a ``nowrap`` span, so a cell mixing words
+    and numbers wraps between words but never inside or between the parts of a number."""
+    return markupsafe.Markup("").join(
+        markupsafe.Markup('<span class="n">{}</span>').format(part) if is_number else markupsafe.escape(part)
+        for part, is_number in number_groups(str(text)))
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("gradsense.viz", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
@@ -119,6 +128,8 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["keep_numbers"] = _keep_numbers
+    return env
 
 
 def _store_path(path: str | os.PathLike[str]) -> Path:

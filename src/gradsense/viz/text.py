@@ -41,6 +41,8 @@ def number_groups(text: str) -> list[tuple[str, bool]]:
     pos = 0
     for m in _GROUP.finditer(text):
         start, end = m.span()
+        if text[start] in "~<>≈" and start > 0 and not text[start - 1].isspace():
+            start += 1  # "<b>1": the ">" closes something else, it does not qualify the number
         # a digit inside a word (Conv2d, features.0, x3) is part of that word, not a number
         if (start > 0 and (text[start - 1].isalnum() or text[start - 1] in "._")) or \
                 (end < len(text) and (text[end].isalpha() or text[end] == "_")):

@@ -24,6 +24,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -232,6 +233,9 @@ def render_table(out: Any, title: str | None, header: Sequence[str], rows: Seque
     head = head + [""] * (n - len(head))
     cells = [r + [""] * (n - len(r)) for r in cells]
     layout = layout_for(head if show_header else [""] * n, cells, out.width)
+    if layout != "plain":  # text will wrap: a number inside it (0.05 ± 0.01) becomes one word, never split
+        cells = [[c if is_number_like(c) else _compact_numbers(c) for c in r] for r in cells]
+        layout = layout_for(head if show_header else [""] * n, cells, out.width)
     if layout == "blocks" and show_header:
         groups = _column_groups(head, cells, out.width)
         if groups is not None:
@@ -265,6 +269,14 @@ def render_table(out: Any, title: str | None, header: Sequence[str], rows: Seque
         for j in range(1, n):
             grid.add_row(head[j] if show_header else "", r[j])
         out.print(grid, crop=False)
+
+
+def _compact_numbers(text: str) -> str:
+    """``"0.05 ± 0.01 (2 probes)"`` -> ``"0.05±0.01 (2 probes)"``: each number group one word for wrapping."""
+    from gradsense.viz.text import number_groups
+
+    return "".join(re.sub(r"\s*(±|\+-|->|→)\s*", r"\1", part) if is_num else part
+                   for part, is_num in number_groups(text))
 
 
 def _escape(text: str) -> str:

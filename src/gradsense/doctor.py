@@ -10,6 +10,7 @@ every layer's output on one example.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections import Counter
 from typing import Any
@@ -29,6 +30,12 @@ from gradsense.results.base import Result
 
 __all__ = ["DoctorResult", "doctor"]
 
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a message, whole (never cut inside a word)."""
+    m = re.search(r"[.;](\s+(?=[A-Z`'\"(])|$)", text)
+    return text[: m.start() + 1].rstrip(";") if m else text
 
 
 def _fmt_bytes(n: float) -> str:
@@ -123,7 +130,7 @@ def doctor(
         vit = find_vit_structure(model)
         legrad_ok, legrad_why = True, f"a ViT ({getattr(vit, 'kind', 'zoo-style')}) with attention maps"
     except (ValueError, TypeError) as err:
-        legrad_ok, legrad_why = False, str(err).split(";")[0][:90]
+        legrad_ok, legrad_why = False, _first_sentence(str(err)).removeprefix("legrad: ")
     has_mha = any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
     has_embedding = any(isinstance(m, nn.Embedding) for m in model.modules())
     training_layers = training_stochastic_layers(model)

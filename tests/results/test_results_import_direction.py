@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,27 @@ def test_a_loaded_result_prunes_and_allocates_bits_without_measuring_and_measure
     measured = masks.measure(model, gs.losses.cross_entropy, held, calibration=(x, y))
     assert measured.measured == pytest.approx(live.measured)
     assert dataclasses.replace(back, context=res.context).prune(0.5).measured == pytest.approx(live.measured)
+
+
+def test_a_result_loaded_in_a_fresh_process_prunes_without_importing_the_analysis_first(tmp_path):
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    res = gs.importance(model, gs.losses.cross_entropy, (x, y), method="magnitude")
+    res.save(tmp_path / "scores")
+    code = (
+        "import sys, json\n"
+        "from gradsense.results import Result\n"
+        f"r = Result.load({str(tmp_path / 'scores')!r})\n"
+        "assert 'gradsense.importance' not in sys.modules\n"
+        "m = r.prune(0.5)\n"
+        "print(json.dumps({k: m[k].flatten().tolist() for k in sorted(m.masks)}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    live = res.prune(0.5)
+    got = json.loads(out.stdout)
+    assert got == {k: live[k].flatten().tolist() for k in sorted(live.masks)}

@@ -35,7 +35,22 @@ BASELINES = ("zeros", "blur", "uniform")
 
 
 def quadrature(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
-    """Points ``alpha`` in [0, 1] and weights for integrating over the path (the same rules as captum).
+    """Points ``alpha`` in [0, 1] and weights for integrating over the path.
+
+    ``gausslegendre`` and ``riemann_left``/``riemann_right``/``riemann_middle`` give the same points and
+    weights as captum (``captum.attr._utils.approximation_methods``); ours also accept ``steps=1`` for the
+    Riemann rules, where captum requires more than one step. ``riemann_trapezoid`` differs: the
+    trapezoid rule here puts ``n`` points on [0, 1] with spacing ``1/(n-1)`` and weights
+    ``1/(n-1)`` (halved at both ends), summing to 1, so a constant integrand integrates exactly. captum uses
+    the same ``n`` points but weights ``1/n`` (halved at both ends), which sum to ``(n-1)/n``: its
+    trapezoid Integrated Gradients are exactly ``(n-1)/n`` times ours and miss completeness by that factor.
+
+    Args:
+        rule: One of :data:`RULES`.
+        steps: Number of points ``n`` (>= 2 for ``riemann_trapezoid``).
+
+    Returns:
+        ``(alphas, weights)``, two float64 arrays of length ``steps``.
 
     Raises:
         ValueError: Unknown rule, or too few steps for the rule.

@@ -7,7 +7,9 @@ from typing import Any
 
 import click
 
-from gradsense.cli.common import console, friendly_errors, model_option, print_rows
+from gradsense.cli.common import Run, analysis_command
+
+TEXT_METHODS = ("integrated_gradients", "input_x_gradient", "gradient")
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
@@ -25,103 +27,130 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-@click.command("attribute")
-@model_option
+@analysis_command("attribute", short_help="Attribute predictions to pixels, tokens or features.", n=8, data_help="examples to explain: zoo:NAME, tensors, .csv, an image folder or "
+                                              "text (.txt/.jsonl); the first --n are taken.")
 @click.option("--input", "input_files", multiple=True, type=click.Path(dir_okay=False),
               help="image file(s) (PNG/JPG...) or one tensor file (.safetensors/.npy). Repeatable.")
 @click.option("--text", "texts", multiple=True, help="sentence(s) for a text model. Repeatable.")
 @click.option("--compare", default=None, help="with --text on a sentence encoder: explain the similarity to this sentence.")
-@click.option("--dataset", default=None, help="zoo dataset name, e.g. digits (takes the first --n examples).")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"]))
 @click.option("--method", default="saliency", show_default=True,
               help="attribution method (gradsense.attribution.METHODS; for text: integrated_gradients, input_x_gradient, gradient).")
-@click.option("--target", default=None, help="'label' (datasets), 'predicted' (default otherwise), or a class index.")
+@click.option("--target", default=None,
+              help="'label' (default with labels), 'predicted' (default otherwise), 'loss' (the --loss of each example), "
+                   "or a class index.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="method option, e.g. steps=32 (JSON values). Repeatable.")
-@click.option("--n", "n_examples", default=8, show_default=True, type=int, help="number of dataset examples.")
-@click.option("--key", default=None, help="tensor name inside a .safetensors input.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="run folder to write (result, figure, report).")
-@friendly_errors
+@click.option("--key", default=None, help="tensor name inside a .safetensors --input.")
 def attribute_cmd(
-    model_spec: str, weights: str | None, input_files: tuple[str, ...], texts: tuple[str, ...], compare: str | None,
-    dataset: str | None, split: str, method: str, target: str | None, options: tuple[str, ...], n_examples: int,
-    key: str | None, out: str | None,
+    run: Run, input_files: tuple[str, ...], texts: tuple[str, ...], compare: str | None, method: str,
+    target: str | None, options: tuple[str, ...], key: str | None,
 ) -> None:
     """Attribute a model's prediction to its inputs: pixels, tokens or features.
 
     \b
     Examples:
-      gradsense attribute --model zoo:digits-cnn --dataset digits --method integrated_gradients --out runs/ig
-      gradsense attribute --model zoo:digits-cnn --input my_digit.png --method smoothgrad
-      gradsense attribute --model zoo:breast-cancer-mlp --dataset breast-cancer --method ig --n 4
-      gradsense attribute --model zoo:minilm --text "A person plays music." --compare "A man plays guitar."
+      gradsense attribute --model zoo:digits-cnn --data zoo:digits \\
+          --method integrated_gradients --out runs/ig
+      gradsense attribute --model zoo:digits-cnn --input my_digit.png \\
+          --method smoothgrad
+      gradsense attribute --model my.py:build --weights w.pt --data photos/ \\
+          --input-shape 3,64,64 --normalize 0.5,0.25
+      gradsense attribute --model zoo:breast-cancer-mlp --data patients.csv \\
+          --label-column diagnosis --method ig
+      gradsense attribute --model zoo:minilm --text "A person plays music." \\
+          --compare "A man plays guitar."
     """
     import gradsense as gs
     from gradsense.attribution import get_method
-    from gradsense.specs import load_model
 
-    sources = sum([bool(input_files), bool(texts), dataset is not None])
+    data_given = run.options.get("data") is not None
+    sources = sum([bool(input_files), bool(texts), data_given])
     if sources != 1:
-        raise ValueError("give exactly one input source: --input FILE(S), --text \"...\" or --dataset NAME.")
+        raise ValueError("give exactly one input source: --data SPEC, --input FILE(S) or --text \"...\".")
     if compare is not None and not texts:
         raise ValueError("--compare goes with --text (sentence similarity).")
-    if n_examples < 1:
-        raise ValueError(f"--n must be >= 1, got {n_examples}.")
     opts = _parse_options(options)
-    text_methods = ("integrated_gradients", "input_x_gradient", "gradient")
-    if texts:
-        tmethod = {"ig": "integrated_gradients", "saliency": "gradient"}.get(method, method)
-        if tmethod not in text_methods:
-            raise ValueError(f"for text, --method must be one of {text_methods}, got {method!r}.")
+    is_text = bool(texts) or (data_given and Path(str(run.options["data"])).suffix.lower() in (".txt", ".jsonl"))
+    tmethod = {"ig": "integrated_gradients", "saliency": "gradient"}.get(method, method)
+    if is_text:
+        if tmethod not in TEXT_METHODS:
+            raise ValueError(f"for text, --method must be one of {TEXT_METHODS}, got {method!r}.")
     else:
         get_method(method)
-    model = load_model(model_spec, weights=weights)
+    if target not in (None, "label", "predicted", "loss"):
+        try:
+            int(target)
+        except ValueError as err:
+            raise ValueError(f"--target must be 'label', 'predicted', 'loss' or an int, got {target!r}.") from err
+    model = run.model()
 
-    if texts:
+    if is_text:
         from gradsense.attribution.tokens import TokenAttribution, find_embedding_layer, similarity_target
 
         find_embedding_layer(model)  # a clear error for image models given text
-        tgt: Any = similarity_target(model, compare) if compare is not None else _target(target, None)
-        result: Any = TokenAttribution(model, method=tmethod, **opts).attribute(list(texts), target=tgt)
+        labels = None
+        if texts:
+            sentences = list(texts)
+        else:
+            data = run.data(tensors=False)
+            if data.texts is None:
+                raise ValueError(f"{run.options['data']} is not text.")
+            sentences, labels = data.texts, data.labels
+        default = "label" if labels is not None else "predicted"
+        tgt: Any = similarity_target(model, compare) if compare is not None else \
+            _target(target if target is not None else default, labels, run)
+        with run.stage(f"{tmethod} on {len(sentences)} text(s)"):
+            result: Any = TokenAttribution(model, method=tmethod, **run.engine_kwargs(TokenAttribution, **opts)) \
+                .attribute(sentences, target=tgt)
         name = f"tokens-{tmethod}"
     else:
         titles, feature_names, labels = None, None, None
-        if dataset is not None:
-            data = gs.zoo.dataset(dataset, split=split)
-            x, labels = data[:n_examples]
+        if data_given:
+            data = run.data()
+            x, labels = data.inputs, data.labels
             feature_names = data.feature_names
-            titles = [f"label {data.classes[int(c)]}" for c in labels]
+            if labels is not None and labels.ndim == 1 and not labels.is_floating_point():
+                names = data.classes
+                titles = [f"label {names[int(c)] if names and 0 <= int(c) < len(names) else int(c)}" for c in labels]
+            elif data.files is not None:
+                titles = [Path(f).name for f in data.files]
         else:
-            x, titles = _file_inputs(model, model_spec, input_files, key)
+            x, titles = _file_inputs(run, model, input_files, key)
         if _has_embedding_only(model):
-            raise ValueError(f"{model_spec} is a text model; give --text \"...\" instead of images/tensors.")
-        tgt = _target(target if target is not None else ("label" if labels is not None else "predicted"), labels)
-        result = gs.attribute(model, x, target=tgt, method=method, titles=titles, feature_names=feature_names, **opts)
+            raise ValueError(f"{run.model_spec} is a text model; give --text \"...\" or text --data instead of "
+                             "images/tensors.")
+        tgt = _target(target if target is not None else ("label" if labels is not None else "predicted"), labels, run)
+        with run.stage(f"{method} on {x.shape[0]} example(s)"):
+            result = gs.attribute(model, x, target=tgt, method=method, titles=titles, feature_names=feature_names,
+                                  **run.engine_kwargs(get_method(method), **opts))
         name = method
-    print_rows(result.title, result.summary())
-    if out:
-        from gradsense.results import RunFolder
+    run.rows(result.title, result.summary(), name=name)
+    if run.out:
         from gradsense.viz.report import Report
 
-        run = RunFolder(out)
-        run.save_result(result, name)
-        run.save_figure(result.plot(), name)
-        report = Report.extend(Path(out) / "report.html", f"gradsense attribute: {model_spec}", source=f"attribute:{name}")
-        report.add_result(result)
-        path = report.write(Path(out) / "report.html")
-        console.print(f"wrote {path}")
+        with run.stage(f"writing {run.out}"):
+            run.save(name, result)
+            report = Report.extend(run.out / "report.html", f"gradsense attribute: {run.model_spec}",
+                                   source=f"attribute:{name}")
+            report.add_result(result)
+            path = report.write(run.out / "report.html")
+        run.wrote(path)
+    else:
+        run.add(name, result)
 
 
-def _target(target: str | None, labels: Any) -> Any:
+def _target(target: str | None, labels: Any, run: Run) -> Any:
     if target is None or target == "predicted":
         return "predicted"
-    if target == "label":
+    if target in ("label", "loss"):
         if labels is None:
-            raise ValueError("--target label needs --dataset (files have no labels); use 'predicted' or an index.")
-        return labels
-    try:
-        return int(target)
-    except ValueError as err:
-        raise ValueError(f"--target must be 'label', 'predicted' or an int, got {target!r}.") from err
+            raise ValueError(f"--target {target} needs labelled data (--data with labels); files and texts have none; "
+                             "use 'predicted' or a class index.")
+        if target == "label":
+            return labels
+        from gradsense.core.targets import Loss
+
+        return Loss(run.loss(), labels)
+    return int(target)
 
 
 def _has_embedding_only(model: Any) -> bool:
@@ -132,31 +161,25 @@ def _has_embedding_only(model: Any) -> bool:
         and hasattr(model, "tokenizer")
 
 
-def _file_inputs(model: Any, spec: str, files: tuple[str, ...], key: str | None) -> tuple[Any, list[str]]:
-    from gradsense.cli.inputs import IMAGE_SUFFIXES, TENSOR_SUFFIXES, load_images, load_tensor_file
+def _file_inputs(run: Run, model: Any, files: tuple[str, ...], key: str | None) -> tuple[Any, list[str]]:
+    from gradsense.io import load_data, load_images
+    from gradsense.io.data import IMAGE_SUFFIXES, TENSOR_SUFFIXES
 
     suffixes = {Path(f).suffix.lower() for f in files}
-    if suffixes <= TENSOR_SUFFIXES:
+    if suffixes <= set(TENSOR_SUFFIXES):
         if len(files) != 1:
-            raise ValueError("give one tensor file (.safetensors/.npy) holding a batch.")
-        x = load_tensor_file(files[0], key)
+            raise ValueError("give one tensor file (.safetensors/.npz/.npy/.pt) holding a batch.")
+        data = load_data(files[0], inputs_key=key or run.options.get("inputs_key"))
+        x = data.to(None, run._parameter_dtype(model)).inputs
         return x, [f"{Path(files[0]).name}[{i}]" for i in range(x.shape[0])]
-    if suffixes <= IMAGE_SUFFIXES:
-        shape = _input_shape(model, spec)
-        return load_images(files, shape), [Path(f).name for f in files]
-    raise ValueError(f"unsupported input file type(s) {sorted(suffixes)}; images {sorted(IMAGE_SUFFIXES)} or tensors {sorted(TENSOR_SUFFIXES)}.")
-
-
-def _input_shape(model: Any, spec: str) -> tuple[int, ...]:
-    from gradsense import zoo
-
-    if spec.startswith("zoo:"):
-        from gradsense.zoo.registry import MODELS
-
-        entry = MODELS.get(spec[4:])
-        if entry is not None and entry.dataset != "breast-cancer":  # the image models: their dataset's shape
-            return tuple(zoo.dataset(entry.dataset, split="test").inputs.shape[1:])
-    shape = getattr(model, "input_shape", None)
-    if shape is None:
-        raise ValueError("cannot tell this model's input size for images; give a tensor file (.safetensors/.npy).")
-    return tuple(shape)
+    if suffixes <= set(IMAGE_SUFFIXES):
+        shape = run.options.get("input_shape") or run.model_input_shape(model)
+        if shape is None:
+            raise ValueError("cannot tell this model's input size for images; give --input-shape C,H,W "
+                             "(or a tensor file).")
+        # dark-on-light single images (a digit on paper) are inverted only without --normalize (the digits' case)
+        invert = None if run.options.get("normalize") is None else False
+        x = load_images(files, shape, invert=invert, normalize=run.options.get("normalize"))
+        return x.to(dtype=run._parameter_dtype(model)), [Path(f).name for f in files]
+    raise ValueError(f"unsupported input file type(s) {sorted(suffixes)}; images {sorted(IMAGE_SUFFIXES)} or "
+                     f"tensors {sorted(TENSOR_SUFFIXES)}.")

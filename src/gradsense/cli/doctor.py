@@ -2,56 +2,50 @@
 
 from __future__ import annotations
 
-import click
+from typing import Any
 
-from gradsense.cli.common import friendly_errors, model_option, print_rows
+from gradsense.cli.common import Run, analysis_command
 
 
-@click.command("doctor")
-@model_option
-@click.option("--dataset", default=None, help="zoo dataset to take an example input from (default: guessed from the zoo model).")
-@click.option("--input-shape", default=None, help="shape of one input without batch, e.g. 1,8,8 (instead of --dataset).")
-@click.option("--batch-size", default=32, show_default=True, type=int, help="batch size for the memory estimate.")
-@friendly_errors
-def doctor_cmd(model_spec: str, weights: str | None, dataset: str | None, input_shape: str | None, batch_size: int) -> None:
+@analysis_command("doctor", short_help="Parameters, layers, applicable analyses and memory of a model.", n=1, batch_size=32, n_help="examples the loss is measured on (with labelled --data).")
+def doctor_cmd(run: Run) -> None:
     """Parameter count, layer types, which analyses apply, and memory for one fwd+bwd.
 
+    The example input comes from --data (default: the zoo model's own data) or, without data, zeros of
+    --input-shape; --batch-size sets the batch of the memory estimate. With labelled data the loss (--loss)
+    on the first --n examples is shown too.
+
     \b
-    Example:
+    Examples:
       gradsense doctor --model zoo:digits-cnn --batch-size 64
+      gradsense doctor --model my_model.py:build --weights w.pt \\
+          --input-shape 3,32,32
+      gradsense doctor --model hf:./my-bert --data reviews.jsonl
     """
     import torch
 
     from gradsense.doctor import doctor
-    from gradsense.specs import load_model
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}.")
-    example = _example_input(model_spec, dataset, input_shape)
-    model = load_model(model_spec, weights=weights)
-    if example is not None:
-        example = example.to(next(model.parameters(), torch.empty(0)).dtype)
-    result = doctor(model, example, batch_size=batch_size, name=model_spec)
-    print_rows(result.title, result.summary())
-
-
-_DEFAULT_DATA = {"digits-cnn": "digits", "digits-vit": "digits", "breast-cancer-mlp": "breast-cancer"}
-
-
-def _example_input(model_spec: str, dataset: str | None, input_shape: str | None):
-    import torch
-
-    from gradsense import zoo
-
-    if input_shape:
-        try:
-            shape = tuple(int(s) for s in input_shape.replace("x", ",").split(",") if s.strip())
-        except ValueError as err:
-            raise ValueError(f"--input-shape must be integers like 1,8,8; got {input_shape!r}.") from err
-        return torch.zeros((1, *shape))
-    if dataset is None and model_spec.startswith("zoo:"):
-        dataset = _DEFAULT_DATA.get(model_spec[4:])
-    if dataset is None:
-        return None
-    x, _ = zoo.dataset(dataset, split="test")[:1]
-    return x
+    model = run.model()
+    example: Any = None
+    loss_row = None
+    shape = run.options.get("input_shape")
+    if shape is not None and not run.options.get("data"):
+        example = torch.zeros((1, *shape), dtype=run._parameter_dtype(model) or torch.float32, device=run.device)
+    else:
+        data = run.data(required=False)
+        if data is not None:
+            example = data.inputs[:1]
+            if data.labels is not None:
+                with run.stage(f"loss ({run.loss_name}) on {len(data)} example(s)"), torch.no_grad():
+                    value = float(run.loss()(model(data.inputs), data.labels))
+                loss_row = (f"loss ({run.loss_name}) on {len(data)} example(s) of {data.name}", f"{value:.6g}")
+    with run.stage("inspecting the model"):
+        result = doctor(model, example, batch_size=run.batch_size, name=run.model_spec)
+    rows = result.summary()
+    if loss_row is not None:
+        rows.append(loss_row)
+    if example is None:
+        run.note("no example input: give --data or --input-shape C,H,W for the memory estimate.")
+    run.rows(result.title, rows, name="doctor")
+    run.add("doctor", result)

@@ -6,6 +6,7 @@ import click
 
 from gradsense import __version__
 from gradsense.cli.attribute import attribute_cmd
+from gradsense.cli.common import Group
 from gradsense.cli.demo import demo_cmd
 from gradsense.cli.doctor import doctor_cmd
 from gradsense.cli.evaluate import evaluate_cmd
@@ -15,23 +16,30 @@ from gradsense.cli.landscape import landscape_cmd
 
 EPILOG = """\b
 Examples:
-  gradsense demo --out gradsense-demo          # HTML report on the bundled digits CNN
-  gradsense doctor --model zoo:digits-cnn      # what the model is and which analyses apply
-  gradsense doctor --model my_model.py:build --weights w.safetensors --batch-size 64
-  gradsense attribute --model zoo:digits-cnn --dataset digits --method saliency --n 8 --out runs/sal
-  gradsense evaluate --model zoo:block-digits-cnn --methods all --out runs/eval
-  gradsense hessian --model zoo:digits-cnn --dataset digits --per layer --out runs/hessian
-  gradsense importance --model zoo:digits-cnn --dataset digits --method taylor --sparsity 0.5 --out runs/imp
-  gradsense landscape --model zoo:digits-cnn --dataset digits --steps 21 --out runs/landscape
+  gradsense demo --out gradsense-demo     # HTML report on the bundled models
+  gradsense doctor --model zoo:digits-cnn # what it is, which analyses apply
+  gradsense doctor --model my.py:build --weights w.pt --input-shape 3,32,32
+  gradsense attribute --model zoo:digits-cnn --data zoo:digits --n 8 \\
+      --method integrated_gradients --out runs/ig
+  gradsense evaluate --model zoo:block-digits-cnn --out runs/eval
+  gradsense hessian --model zoo:digits-cnn --data zoo:digits --per layer
+  gradsense importance --model zoo:digits-cnn --data zoo:digits \\
+      --method taylor --sparsity 0.5 --out runs/imp
+  gradsense landscape --model my.py:build --weights ckpt.pt --data val.npz
+\b
+Models: zoo:NAME, path/file.py:factory, package.module:factory, hf:DIR.
+Data: zoo:NAME, .npy/.npz/.safetensors/.pt, .csv, image folders, .txt/.jsonl.
 """
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=Group, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="gradsense")
 def cli() -> None:
     """gradsense: what is your model sensitive to?
 
     Reads the answer from gradients and curvature and writes numbers, files and an HTML report.
+    Every analysis command takes the same options for the model (--model, --weights), the data (--data and
+    how to read it), the loss, device, batch size, memory budget and seed, and --out DIR / --json.
     """
 
 
@@ -45,8 +53,8 @@ cli.add_command(landscape_cmd)
 
 
 def main() -> None:
-    """Entry point of the console script."""
-    cli()
+    """Entry point of the console script (and of ``python -m gradsense``)."""
+    cli(prog_name="gradsense")
 
 
 if __name__ == "__main__":

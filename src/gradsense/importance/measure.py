@@ -158,8 +158,9 @@ class Measurer:
 
         Returns:
             ``{"loss_before", "loss_after", "loss_change", "metric_before", "metric_after", "metric_change",
-            "predicted_first_order", "predicted_second_order", "changed", "sparsity"}`` (metric entries ``None``
-            without a metric; ``sparsity`` is the fraction of the changed tensors' weights that are zero).
+            "metric_name", "predicted_first_order", "predicted_second_order", "changed", "sparsity"}`` (metric
+            entries ``None`` without a metric; ``metric_name`` is ``"accuracy"`` for the automatic metric;
+            ``sparsity`` is the fraction of the changed tensors' weights that are zero).
         """
         check_eval_mode(self.model, "importance measurement", hint=" (or measure=False)")
         self.check()
@@ -178,6 +179,9 @@ class Measurer:
         first = float(sum(float((g[k] * delta[k]).sum()) for k in delta))
         second = first + 0.5 * self._curvature(fm, delta) if self.second_order else None
         base_loss, base_metric = self._base
+        metric_name = None
+        if metric is not None:
+            metric_name = "accuracy" if self.metric_arg == "auto" else getattr(self.metric_arg, "__name__", "metric")
         numel = sum(v.numel() for v in new.values())
         zeros = sum(int((v == 0).sum()) for v in new.values())
         return {
@@ -187,6 +191,7 @@ class Measurer:
             "metric_before": base_metric,
             "metric_after": metric,
             "metric_change": None if metric is None or base_metric is None else metric - base_metric,
+            "metric_name": metric_name,
             "predicted_first_order": first,
             "predicted_second_order": second,
             "changed": kind,

@@ -380,8 +380,8 @@ class Result:
         return f"<div><h4>{html.escape(self.title)}</h4><table>{rows}</table>{img}</div>"
 
     def __repr__(self) -> str:
-        shapes = ", ".join(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())
-        return f"{type(self).__name__}(method={self.method!r}, {shapes})"
+        parts = [f"method={self.method!r}", *(f"{k}={tuple(v.shape)}" for k, v in self.tensors.items())]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
 
 # --------------------------------------------------------------------------------------------- loading checks

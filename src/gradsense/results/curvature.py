@@ -284,11 +284,25 @@ class DensityResult(_Groups, Result):
     def title(self) -> str:
         return "Hessian spectral density (stochastic Lanczos quadrature)"
 
+    def moment_stderr(self, j: int) -> float:
+        """Standard error of :meth:`moment` over the probes (``nan`` with one probe).
+
+        Each probe's ``sum_i w_i theta_i^j`` is ``v^T H^j v`` for one random unit vector ``v``: SLQ's moments are
+        Hutchinson estimates with as many samples as probes, so with few probes they scatter around ``tr(H^j)/n``
+        by this much (Hutch++ in :func:`gradsense.hessian_trace` deflates the top eigenspace first and is far
+        more precise for the trace)."""
+        per = (self.weights * self.ritz_values**j).sum(1).double()
+        return float(per.std() / per.numel() ** 0.5) if per.numel() > 1 else float("nan")
+
     def summary(self) -> list[tuple[str, str]]:
-        rows = super().summary()
+        rows = [r for r in super().summary() if r[0] != "sigma"]  # shown below as "broadening sigma"
         nodes = self.ritz_values[self.weights > 0]
+        probes = int(self.ritz_values.shape[0])
+        se = self.moment_stderr(1)
+        mean = _fmt(self.moment(1), 4) + ("" if se != se else f" ± {_fmt(se, 2)}")
         rows.insert(1, ("eigenvalue range", f"[{_fmt(float(nodes.min()))}, {_fmt(float(nodes.max()))}]"))
-        rows.insert(2, ("mean eigenvalue tr(H)/n", _fmt(self.moment(1), 5)))
+        rows.insert(2, ("mean eigenvalue tr(H)/n", f"{mean} (Hutchinson estimate from {probes} probe"
+                                                   f"{'s' if probes != 1 else ''}, ± 1 s.e.)"))
         rows.insert(3, ("broadening sigma", _fmt(self.sigma, 3)))
         rows.insert(4, ("Hessian-vector products", str(self.n_hvp)))
         return rows

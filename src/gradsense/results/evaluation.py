@@ -240,6 +240,9 @@ class TaylorResult(MetricResult):
         if "radius_order2" in self.tensors:
             r2 = self.tensors["radius_order2"].double()
             rows.insert(2, (f"median radius, 2nd order passes {tol:.0%}", _fmt(float(r2.median()))))
+            if torch.allclose(self.errors(1).double(), self.errors(2).double(), rtol=1e-6, atol=0.0, equal_nan=True):
+                rows.insert(3, ("curvature term", "adds nothing here: the 1st- and 2nd-order errors coincide (the "
+                                                  "input Hessian is ~0, as in piecewise-linear ReLU networks)"))
         rows.insert(2, (f"median radius, 1st order passes {tol:.0%}", _fmt(float(self.values.double().median()))))
         return rows
 

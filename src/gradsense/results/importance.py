@@ -23,7 +23,16 @@ from torch import Tensor
 
 from gradsense.results.base import Result
 
-__all__ = ["BitsResult", "ImportanceResult", "ImportanceVerbs", "PruneResult", "SweepResult", "attach_verbs"]
+__all__ = [
+    "PREDICTION_NOTE",
+    "BitsResult",
+    "ImportanceResult",
+    "ImportanceVerbs",
+    "PruneResult",
+    "SweepResult",
+    "attach_verbs",
+    "prediction_verdict",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +60,12 @@ def attach_verbs(verbs: ImportanceVerbs) -> None:
 
 def _verbs(what: str) -> ImportanceVerbs:
     if not _VERBS:
-        raise RuntimeError(f"{what} needs the importance analysis: import gradsense (or gradsense.importance) first.")
+        # the package root wires the layers: it imports the analysis that attaches the verbs (results name none)
+        import gradsense
+
+        gradsense._attach_verbs("importance")
+    if not _VERBS:
+        raise RuntimeError(f"{what} needs the importance analysis: import gradsense.importance first.")
     return _VERBS[0]
 
 
@@ -67,6 +81,41 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{100 * float(x):.2f}%"
 
 
+PREDICTION_RTOL = 0.5
+PREDICTION_NOTE = (
+    "The Taylor prediction holds when it is within 50% of the measured change (or both are below 0.1% of the "
+    "dense loss). A row marked 'fails' left the region where the local expansion describes the model: the change "
+    "is too large for a first/second-order account, so trust the measured column, not the prediction.")
+
+
+def prediction_verdict(m: dict[str, Any] | None) -> tuple[bool | None, str]:
+    """Whether the Taylor prediction of a decision matches its measured loss change, and a short verdict.
+
+    The second-order prediction is used when there is one. It holds when ``|measured - predicted| <= 0.5
+    max(|measured|, |predicted|)``, or when both changes are below 0.1% of the dense held-out loss (too small
+    to tell apart). Otherwise the verdict says by how much, and in which direction, it misses.
+
+    Returns:
+        ``(holds, text)``: ``holds`` is ``None`` when nothing was measured.
+    """
+    if not m:
+        return None, "not measured"
+    measured = float(m["loss_change"])
+    pred = m.get("predicted_second_order")
+    pred = float(m["predicted_first_order"] if pred is None else pred)
+    if not (math.isfinite(measured) and math.isfinite(pred)):
+        return False, "fails: not finite"
+    atol = 1e-3 * abs(float(m.get("loss_before") or 0.0))
+    if abs(measured) <= atol and abs(pred) <= atol:
+        return True, "holds (both negligible)"
+    if abs(measured - pred) <= PREDICTION_RTOL * max(abs(measured), abs(pred)):
+        return True, "holds"
+    if measured * pred <= 0:
+        return False, "fails: wrong sign" if pred != 0 else "fails: predicted no change"
+    factor = abs(measured) / abs(pred)
+    return False, f"fails: {factor:.3g}x too small" if factor > 1 else f"fails: {1 / factor:.3g}x too large"
+
+
 def measured_rows(m: dict[str, Any] | None, label: str = "") -> list[tuple[str, str]]:
     """Summary rows of a measurement (see :class:`gradsense.importance.measure.Measurer`)."""
     if not m:
@@ -77,9 +126,11 @@ def measured_rows(m: dict[str, Any] | None, label: str = "") -> list[tuple[str, 
         (f"predicted change{label}", f"first order {m['predicted_first_order']:+.4g}, second order "
                                      f"{_fmt(m.get('predicted_second_order'))}"),
     ]
+    rows.append((f"Taylor prediction{label}", prediction_verdict(m)[1]))
     if m.get("metric_after") is not None:
-        rows.append((f"held-out metric{label}", f"{_fmt(m['metric_before'], 4)} -> {_fmt(m['metric_after'], 4)} "
-                                                f"({m['metric_change']:+.4g})"))
+        metric = m.get("metric_name") or "metric"
+        rows.append((f"held-out {metric}{label}", f"{_fmt(m['metric_before'], 4)} -> {_fmt(m['metric_after'], 4)} "
+                                                  f"({m['metric_change']:+.4g})"))
     return rows
 
 
@@ -314,6 +365,11 @@ class BitsResult(_MappingResult, Result):
             extra["uniform_measured"] = meas(dict.fromkeys(self.bits, int(uniform)))
         return dataclasses.replace(self, meta={**self.meta, **extra})
 
+    def __repr__(self) -> str:
+        bits = ", ".join(f"{k!r}: {v}" for k, v in self.bits.items())
+        return (f"BitsResult(method={self.method!r}, mean_bits={_fmt(self.meta.get('achieved_mean_bits'), 4)}, "
+                f"bits={{{bits}}})")
+
     @property
     def title(self) -> str:
         return f"Mixed precision: {_fmt(self.meta.get('achieved_mean_bits'), 4)} bits on average ({self.method})"
@@ -363,20 +419,28 @@ class SweepResult(Result):
     def sparsities(self) -> list[float]:
         return [float(s) for s in self.meta.get("sparsities", [])]
 
-    def table(self) -> tuple[list[str], list[list[Any]]]:
-        """``(header, rows)``: one row per (method, sparsity) with measured and predicted changes."""
+    def table(self, metric: str | None = None) -> tuple[list[str], list[list[Any]]]:
+        """``(header, rows)``: one row per (method, sparsity) with measured and predicted changes, whether the
+        prediction holds (see :func:`prediction_verdict`), and the metric (named ``metric``, default
+        ``meta['metric_name']`` or ``"metric"``)."""
+        name = metric or self.meta.get("metric_name") or "metric"
         header = ["method", "sparsity", "held-out loss", "loss change", "predicted (1st order)",
-                  "predicted (2nd order)", "metric"]
+                  "predicted (2nd order)", "Taylor prediction", name]
         rows = []
         t = self.tensors
+        before = float(self.meta["loss_before"])
         for i, m in enumerate(self.methods):
             for j in range(len(self.sparsities)):
-                metric = float(t["metric"][i, j])
+                value = float(t["metric"][i, j])
+                change = float(t["loss"][i, j]) - before
+                verdict = prediction_verdict({
+                    "loss_change": change, "loss_before": before,
+                    "predicted_first_order": float(t["predicted_first_order"][i, j]),
+                    "predicted_second_order": float(t["predicted_second_order"][i, j])})[1]
                 rows.append([m, f"{float(t['achieved'][i, j]):.0%}", f"{float(t['loss'][i, j]):.4f}",
-                             f"{float(t['loss'][i, j]) - float(self.meta['loss_before']):+.4f}",
-                             f"{float(t['predicted_first_order'][i, j]):+.4f}",
-                             f"{float(t['predicted_second_order'][i, j]):+.4f}",
-                             "n/a" if math.isnan(metric) else f"{metric:.4f}"])
+                             f"{change:+.4f}", f"{float(t['predicted_first_order'][i, j]):+.4f}",
+                             f"{float(t['predicted_second_order'][i, j]):+.4f}", verdict,
+                             "n/a" if math.isnan(value) else f"{value:.4f}"])
         return header, rows
 
     def grid(self, what: str = "loss") -> tuple[list[str], list[list[Any]]]:

@@ -509,6 +509,10 @@ def bar_chart(
     return fig
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
 def line_chart(
     x: ArrayLike,
     ys: Mapping[str, ArrayLike],
@@ -519,6 +523,10 @@ def line_chart(
     logy: bool = False,
 ) -> Figure:
     """Several named series over a shared x axis.
+
+    Every series keeps its own line style and marker and later series are drawn thinner on top, so a series
+    that coincides with another stays visible (a thick line with a dashed one over it); such a series is
+    also named in the legend as equal to the earlier one.
 
     Args:
         x: The x values, shared by every series.
@@ -539,11 +547,19 @@ def line_chart(
         raise ValueError("ys is empty; give at least one series.")
     fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
-    for name, series in ys.items():
+    drawn: list[tuple[str, np.ndarray]] = []
+    for i, (name, series) in enumerate(ys.items()):
         y = _to_numpy(series, f"ys[{name!r}]").reshape(-1)
         if y.shape[0] != xs.shape[0]:
             raise ValueError(f"series {name!r} has {y.shape[0]} values but x has {xs.shape[0]}.")
-        ax.plot(xs, y, marker="o" if xs.shape[0] <= 30 else None, markersize=3, label=_literal(name))
+        same = next((prev for prev, py in drawn
+                     if np.allclose(py.astype(float), y.astype(float), rtol=1e-6, atol=0.0, equal_nan=True)), None)
+        label = _literal(name) if same is None else f"{_literal(name)} (= {_literal(same)})"
+        ax.plot(xs, y, linestyle=_LINESTYLES[i % len(_LINESTYLES)],
+                marker=_MARKERS[i % len(_MARKERS)] if xs.shape[0] <= 30 else None,
+                markersize=max(2.0, 5.0 - i), fillstyle="full" if i == 0 else "none",
+                linewidth=max(0.8, 2.4 - 0.7 * i), zorder=2 + i, label=label)
+        drawn.append((str(name), y))
     if logy:
         ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel(_literal(xlabel))

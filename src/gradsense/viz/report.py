@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import markupsafe
 from matplotlib.figure import Figure
 
 from gradsense.results.base import atomic_write_text, versions
 from gradsense.viz.figures import PNG_SIGNATURE, fig_to_png
+from gradsense.viz.text import is_number_like, number_groups
 
 __all__ = ["Report", "slugify"]
 
@@ -72,6 +74,13 @@ class _Image:
 class _Table:
     header: list[str]
     rows: list[list[tuple[str, bool]]]  # (text, is_numeric)
+
+    @property
+    def numeric_columns(self) -> list[bool]:
+        """Columns whose every non-empty cell is a number: right-aligned."""
+        n = max([len(self.header), *(len(r) for r in self.rows)], default=0)
+        return [bool(self.rows) and all(r[j][1] or r[j][0] in ("", "n/a", "-") for r in self.rows if j < len(r))
+                and any(j < len(r) and r[j][1] for r in self.rows) for j in range(n)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +137,17 @@ def _section_from_json(d: Mapping[str, Any]) -> _Section:
     )
 
 
+def _keep_numbers(text: str) -> markupsafe.Markup:
+    """Escaped ``text`` with every number group (``0.725 ± 0.01``) in a ``nowrap`` span, so a cell mixing words
+    and numbers wraps between words but never inside or between the parts of a number."""
+    return markupsafe.Markup("").join(
+        markupsafe.Markup('<span class="n">{}</span>').format(part) if is_number else markupsafe.escape(part)
+        for part, is_number in number_groups(str(text)))
+
+
 @functools.lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.PackageLoader("gradsense.viz", "templates"),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
@@ -138,6 +155,8 @@ def _environment() -> jinja2.Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
+    env.filters["keep_numbers"] = _keep_numbers
+    return env
 
 
 def _store_path(path: str | os.PathLike[str]) -> Path:
@@ -167,7 +186,8 @@ def _table(table: tuple[Sequence[Any], Sequence[Sequence[Any]]] | None) -> _Tabl
         cells = list(row)
         if head and len(cells) != len(head):
             raise ValueError(f"table row {i} has {len(cells)} cells but the header has {len(head)} columns.")
-        out.append([(str(c), isinstance(c, (int, float)) and not isinstance(c, bool)) for c in cells])
+        out.append([(str(c), (isinstance(c, (int, float)) and not isinstance(c, bool)) or is_number_like(c))
+                    for c in cells])
     return _Table(head, out)
 
 
@@ -292,7 +312,10 @@ class Report:
             text: Plain text; blank lines separate paragraphs, single newlines are kept. It is
                 escaped, never interpreted as HTML.
             table: ``(header, rows)``: column names and rows of cells; every cell is shown as
-                ``str(cell)``. Rows must have as many cells as the header (if it is non-empty).
+                ``str(cell)``. Rows must have as many cells as the header (if it is non-empty). Numbers
+                (ints, floats and number-like strings such as ``"0.936 +- 0.0057"``) are right-aligned and
+                never wrap; other cells wrap only between words, and a table wider than the page scrolls
+                sideways inside its own box.
             figures: A sequence of matplotlib Figures, PNG bytes, or ``(caption, figure)`` pairs
                 (a single figure or pair is accepted too). Figures are rendered and closed now.
             level: Heading level, 2 (top) to 4 (nested).

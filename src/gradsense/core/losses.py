@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["cross_entropy", "label_kind", "model_output", "mse", "nll", "on_output"]
+__all__ = ["bce", "cross_entropy", "label_kind", "model_output", "mse", "nll", "on_output"]
 
 LabelKind = Literal["class", "value"]
 
@@ -95,6 +95,15 @@ def mse(output: Any, labels: Tensor, reduction: str = "mean") -> Tensor:
     if reduction == "mean":  # sum / numel: F.mse_loss's mean breaks forward-over-reverse AD (pytorch#123996)
         return F.mse_loss(out, target, reduction="sum") / out.numel()
     return F.mse_loss(out, target, reduction=reduction)
+
+
+def bce(output: Any, labels: Tensor, reduction: str = "mean") -> Tensor:
+    """Binary cross-entropy on logits (``binary_cross_entropy_with_logits``); labels cast to the output's
+    dtype and shape (one logit per example and ``(N,)`` 0/1 labels, or multi-label ``(N, K)``); ``output`` read
+    as in :func:`cross_entropy`."""
+    out = model_output(output, what="bce")
+    target = labels.to(out.dtype).reshape(out.shape)
+    return F.binary_cross_entropy_with_logits(out, target, reduction=reduction)
 
 
 class on_output:
@@ -179,7 +188,7 @@ def _takes_reduction(fn: Callable[..., Any]) -> bool:
 
 
 _CLASS_FUNCTIONS: tuple[Callable[..., Any], ...] = (cross_entropy, nll, F.cross_entropy, F.nll_loss)
-_VALUE_FUNCTIONS: tuple[Callable[..., Any], ...] = (mse, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
+_VALUE_FUNCTIONS: tuple[Callable[..., Any], ...] = (mse, bce, F.binary_cross_entropy_with_logits, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss)
 
 
 def label_kind(loss_fn: Any) -> LabelKind | None:
@@ -198,7 +207,7 @@ def label_kind(loss_fn: Any) -> LabelKind | None:
             break
     if isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss)):
         return "class"
-    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)):
+    if isinstance(loss_fn, (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss)):
         return "value"
     if any(loss_fn is f for f in _CLASS_FUNCTIONS):
         return "class"

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from gradsense.core.losses import _logits, cross_entropy, mse
+from gradsense.core.losses import bce, cross_entropy, mse
 
 __all__ = ["LOSSES", "bce", "load_loss"]
-
-
-def bce(output: Any, labels: Tensor, reduction: str = "mean") -> Tensor:
-    """Binary cross-entropy on logits (``binary_cross_entropy_with_logits``); labels cast to the output's
-    dtype and shape (one logit per example and ``(N,)`` 0/1 labels, or multi-label ``(N, K)``)."""
-    out = _logits(output)
-    target = labels.to(out.dtype).reshape(out.shape)
-    return F.binary_cross_entropy_with_logits(out, target, reduction=reduction)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {"cross_entropy": cross_entropy, "mse": mse, "bce": bce}

@@ -106,15 +106,17 @@ def test_coinciding_series_stay_visible_and_are_named():
 
 
 PAGE_JS = """
+// lines of text a cell's content takes: distinct tops of its text's client rects (the row may be taller)
+const lines = td => { const r = document.createRange(); r.selectNodeContents(td);
+  return new Set(Array.from(r.getClientRects()).map(b => Math.round(b.top))).size; };
 const num = Array.from(document.querySelectorAll('td.num'));
-const lineHeight = parseFloat(getComputedStyle(num[0]).lineHeight) || 20;
 const wraps = Array.from(document.querySelectorAll('.table-wrap'));
 const words = Array.from(document.querySelectorAll('td.tok'));
+const prose = Array.from(document.querySelectorAll('td.txt'));
 return {
-  numTooTall: num.filter(td => td.getBoundingClientRect().height - 2 * 0.35 * 16 > 1.5 * lineHeight)
-                 .map(td => td.textContent),
-  wordSplit: words.filter(td => td.getBoundingClientRect().height - 2 * 0.35 * 16 > 1.5 * lineHeight)
-                  .map(td => td.textContent),
+  numTooTall: num.filter(td => lines(td) > 1).map(td => td.textContent),
+  wordSplit: words.filter(td => lines(td) > 1).map(td => td.textContent),
+  proseTooNarrow: prose.filter(td => lines(td) > 4).map(td => td.textContent),
   pageOverflow: document.documentElement.scrollWidth > window.innerWidth,
   wideScrolls: wraps[0].scrollWidth > wraps[0].clientWidth,
   styles: num.concat(words).map(td => getComputedStyle(td).whiteSpace),
@@ -131,6 +133,6 @@ def test_in_a_browser_numbers_are_one_line_and_wide_tables_scroll(chromium, tmp_
     chromium.set_window_size(700, 900)
     chromium.get(path.as_uri())
     state = chromium.execute_script(PAGE_JS)
-    assert state["numTooTall"] == [] and state["wordSplit"] == []
+    assert state["numTooTall"] == [] and state["wordSplit"] == [] and state["proseTooNarrow"] == []
     assert set(state["styles"]) == {"nowrap"}
     assert not state["pageOverflow"] and state["wideScrolls"]

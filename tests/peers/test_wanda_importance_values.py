@@ -1,6 +1,6 @@
 """Wanda (Sun, Liu, Bair & Kolter 2024) against its reference code, on a tiny token model.
 
-Source: locuslab/wanda (commit as fetched) ``lib/layerwrapper.py::WrappedGPT.add_batch`` (the running
+Source: locuslab/wanda (commit 8e8fc87) ``lib/layerwrapper.py::WrappedGPT.add_batch`` (the running
 ``scaler_row`` of squared input-feature norms) and ``lib/prune.py::prune_wanda`` (``W_metric = |W| *
 sqrt(scaler_row)``; unstructured: per output row, the ``int(cols * sparsity)`` lowest by a stable sort are pruned;
 ``prune_n:prune_m``: in every group of ``prune_m`` input columns the ``prune_n`` lowest are pruned). Wanda has no

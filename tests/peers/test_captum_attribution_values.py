@@ -73,6 +73,7 @@ def test_input_x_gradient_basic_config():
     _max_close(a.attributions, torch.tensor([0.0, 0.0, 0.0, 0.0, -1.0, 0.0]).reshape(6, 1), 0.05)
 
 
+@pytest.mark.filterwarnings("ignore:.*every attribution is exactly zero")  # an all-zero map is expected here
 @pytest.mark.parametrize("kind", ["smoothgrad", "vargrad"])
 def test_saliency_noise_tunnel_basic_config(kind):
     # tests/attr/test_saliency.py::test_saliency_test_basic_smoothgrad / _vargrad: NoiseTunnel(Saliency),
@@ -134,6 +135,7 @@ def test_ig_implementation_invariance_of_the_two_examples():
     torch.testing.assert_close(s2, s3)
 
 
+@pytest.mark.filterwarnings("ignore:.*every attribution is exactly zero")  # an all-zero map is expected here
 @pytest.mark.parametrize("rule", RULES)
 def test_ig_univariable_completeness(rule):
     # tests/attr/test_integrated_gradients_basic.py::test_univariable_vanilla (and its rule variants):
@@ -144,6 +146,7 @@ def test_ig_univariable_completeness(rule):
         assert float(r.tensors["delta"].abs().max()) < 0.07, (rule, x, r.tensors["delta"])
 
 
+@pytest.mark.filterwarnings("ignore:.*every attribution is exactly zero")  # captum's case is flat there
 @pytest.mark.parametrize("rule", RULES)
 def test_ig_multi_argument_completeness(rule):
     # tests/attr/test_integrated_gradients_basic.py::test_multi_argument_vanilla (and its rule variants):
@@ -214,6 +217,7 @@ def test_ig_batched_equals_per_example():
         assert abs(float(batch.tensors["delta"].abs().sum()) - total) < 0.005
 
 
+@pytest.mark.filterwarnings("ignore:.*every attribution is exactly zero")  # an all-zero map is expected here
 @pytest.mark.parametrize("kind,expected", [("smoothgrad", [[1.5, -0.5]]), ("smoothgrad_sq", [[2.25, 0.25]]),
                                            ("vargrad", [[0.0, 0.0]])])
 def test_noise_tunnel_of_ig_with_tiny_noise(kind, expected):
@@ -347,3 +351,15 @@ def test_layer_gradcam_unused_layer_output_is_zero():
                          reshape=_flat, relu=False)
     assert r.tensors["raw"].shape == (1, 1, 1) and float(r.tensors["raw"].abs().sum()) == 0.0
     assert any("exactly zero" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("method", ["saliency", "input_x_gradient", "integrated_gradients", "smoothgrad"])
+def test_inputs_grad_unchanged(method):
+    # tests/attr/test_saliency.py::test_saliency_grad_unchanged: an input that requires grad and already holds a
+    # .grad keeps it bit for bit (delta=0.0).
+    x = torch.tensor([1.0, 2.0, 3.0, 0.0, -1.0, 7.0]).reshape(6, 1).requires_grad_(True)
+    x.grad = torch.randn_like(x)
+    before = x.grad.detach().clone()
+    gs.attribute(BasicModel(), x, target=OUT, method=method)
+    torch.testing.assert_close(x.grad, before, rtol=0, atol=0)
+    assert x.requires_grad

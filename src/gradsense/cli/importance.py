@@ -103,7 +103,7 @@ def _data(run: Run, n_heldout: int | None, heldout: str | None) -> dict[str, Any
               help="default: follows --structure (channel/head), else weight.")
 @click.option("--sparsity", default=0.5, show_default=True, type=float, help="fraction of weights/units to remove.")
 @click.option("--structure", default="unstructured", show_default=True, help="unstructured, N:M (e.g. 2:4), channel, head.")
-@click.option("--scope", default="global", show_default=True, type=click.Choice(["global", "layer"]))
+@click.option("--scope", default="global", show_default=True, type=click.Choice(["global", "layer", "row"]))
 @click.option("--bits", default=None, type=int, help="also allocate mixed precision at this average (HAWQ-V2).")
 @click.option("--choices", default="2,3,4,8", show_default=True, help="bit widths for --bits.")
 @click.option("--params", "params_spec", default=None,

@@ -5,7 +5,7 @@ The same method, on the same inputs, with different hyperparameters (noise level
 and random seeds should tell the same story if its maps are to be trusted. For every example this metric
 computes the maps of every setting of ``grid`` (the product of the listed values) times ``seeds`` random
 draws and reports their agreement: the mean pairwise Spearman rank correlation (``values``, higher = more
-stable), the mean pairwise SSIM of image maps, and the relative spread ``mean_units(std over settings) /
+stable), the mean pairwise SSIM of the maps (1-D for tabular ones), and the relative spread ``mean_units(std over settings) /
 mean_units(|map|)``.
 
 Seeds are a batch dimension: the ``seeds`` draws of one setting are one explainer call on the inputs tiled
@@ -98,7 +98,7 @@ def hyperparameter_sensitivity(
 
     Returns:
         A :class:`~gradsense.results.MetricResult`: ``values`` (mean pairwise Spearman per example),
-        ``ssim`` (mean pairwise SSIM, NaN for 1-D maps), ``spread`` (relative std over settings), and
+        ``ssim`` (mean pairwise SSIM), ``spread`` (relative std over settings), and
         ``maps`` ``(settings * seeds, N, ...)``; meta ``settings_list``.
 
     Raises:
@@ -136,10 +136,7 @@ def hyperparameter_sensitivity(
     prep = [p.abs() if absolute else p for p in prep]
     pairs = list(itertools.combinations(range(len(prep)), 2))
     sp = torch.stack([spearman(prep[i], prep[j]) for i, j in pairs])
-    if prep[0].shape[1] > 1:
-        ss = torch.stack([ssim(prep[i], prep[j]) for i, j in pairs]).mean(0)
-    else:
-        ss = torch.full((n,), float("nan"), dtype=torch.float64)
+    ss = torch.stack([ssim(prep[i], prep[j]) for i, j in pairs]).mean(0)  # 1-D maps: the 1-D SSIM
     stack = torch.stack(prep).double()  # (M, N, ...)
     spread = stack.std(0).reshape(n, -1).mean(1) / stack.abs().mean(0).reshape(n, -1).mean(1).clamp_min(1e-30)
     settings = {"explainer": name, "explainer_options": explainer_options, "grid": grid, "seeds": k,

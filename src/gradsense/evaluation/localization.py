@@ -87,8 +87,12 @@ def attribution_mass(
         absolute: Mass of ``|map|`` (default) or of its positive part.
 
     Returns:
-        A :class:`~gradsense.results.MetricResult`; ``values`` in ``[0, 1]`` (NaN for an all-zero map),
-        ``area`` the mask's area fraction (the score of a map that ignores the image).
+        A :class:`~gradsense.results.MetricResult`; ``values`` in ``[0, 1]`` (NaN for an all-zero map, and for
+        an empty mask, where there is nothing to localise - as Quantus' ``RelevanceMassAccuracy``), ``area``
+        the mask's area fraction (the score of a map that ignores the image).
+
+    Quantus' ``RelevanceMassAccuracy`` defaults to the signed map (``abs=False``) after dividing it by its
+    maximum; on non-negative maps it equals this metric with either ``absolute`` setting.
 
     Raises:
         ValueError: Missing mask, shapes that do not fit, NaN attributions.
@@ -98,7 +102,7 @@ def attribution_mass(
     a, m = _prepared(attributions, inputs, mask, absolute)
     total = a.sum(1)
     inside = (a * m).sum(1)
-    values = torch.where(total > 0, inside / torch.where(total > 0, total, torch.ones_like(total)),
+    values = torch.where((total > 0) & m.any(1), inside / torch.where(total > 0, total, torch.ones_like(total)),
                          torch.full_like(total, float("nan")))
     return build_result(
         MetricResult, {"values": values, "area": m.to(a.dtype).mean(1)}, metric="attribution_mass", model=model,
@@ -116,26 +120,35 @@ def pointing_game(
     target: TargetLike = None,
     mask: Tensor | None = None,
     absolute: bool = True,
+    ties: str = "all",
 ) -> MetricResult:
     """Pointing game (Zhang et al. 2018): 1 if the map's largest unit is inside the mask, else 0.
 
-    Ties for the maximum count as a hit only if every tied unit is inside the mask (a constant map cannot
-    point). Arguments as :func:`attribution_mass`.
+    Args:
+        model, inputs, attributions, target, mask, absolute: As :func:`attribution_mass`.
+        ties: When several units share the maximum: ``"all"`` (default) counts a hit only if every tied unit
+            is inside the mask, so a constant map cannot point; ``"any"`` counts a hit if one of them is
+            (Quantus' ``PointingGame``, where a constant map always hits).
 
     Returns:
-        A :class:`~gradsense.results.MetricResult` with ``values`` of 0/1 per example.
+        A :class:`~gradsense.results.MetricResult` with ``values`` of 0/1 per example (NaN for an empty mask,
+        as Quantus).
 
     Raises:
-        ValueError: As :func:`attribution_mass`.
+        ValueError: As :func:`attribution_mass`; ``ties`` not ``"all"``/``"any"``.
     """
+    if ties not in ("all", "any"):
+        raise ValueError(f"ties must be 'all' or 'any', got {ties!r}.")
     prepare(model, inputs, "pointing_game")
     t0 = time.perf_counter()
     a, m = _prepared(attributions, inputs, mask, absolute)
     top = a == a.amax(1, keepdim=True)
-    hit = (top & m).sum(1) == top.sum(1)
+    inside = (top & m).sum(1)
+    hit = (inside == top.sum(1)) if ties == "all" else (inside > 0)
+    values = torch.where(m.any(1), hit.to(a.dtype), torch.full_like(a[:, 0], float("nan")))
     return build_result(
-        MetricResult, {"values": hit.to(a.dtype)}, metric="pointing_game", model=model,
-        settings={"absolute": absolute}, higher_is_better=True, reference=POINTING, t0=t0,
+        MetricResult, {"values": values}, metric="pointing_game", model=model,
+        settings={"absolute": absolute, "ties": ties}, higher_is_better=True, reference=POINTING, t0=t0,
         explained=getattr(attributions, "method", None),
     )
 

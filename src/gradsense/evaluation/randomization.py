@@ -154,8 +154,7 @@ def randomization(
             randomize_layer(twin.get_submodule(layer), base_seed + step)
             maps = prep(explain_rows(fn, twin, x, resolved, index, n, x))
             sp.append(spearman(original, maps))
-            ss.append(ssim(original, maps) if original.shape[1] > 1 else torch.full((n,), float("nan"),
-                                                                                    dtype=torch.float64))
+            ss.append(ssim(original, maps))  # 1-D maps (N, 1, D) get the 1-D SSIM
     spear = torch.stack(sp)
     values = spear[-1] if mode == "cascading" else spear.mean(0)
     final = values[torch.isfinite(values)]

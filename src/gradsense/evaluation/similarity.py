@@ -1,7 +1,7 @@
 """Similarity of attribution maps, batched over examples: Spearman rank correlation (ties get their
 average rank, as ``scipy.stats.spearmanr``) and SSIM (Wang, Bovik, Sheikh & Simoncelli 2004, "Image Quality
-Assessment: From Error Visibility to Structural Similarity"), used by the randomisation check and by the
-hyperparameter-sensitivity metric.
+Assessment: From Error Visibility to Structural Similarity"; the numbers of ``skimage.metrics``'
+Gaussian-weighted variant), used by the randomisation check and by the hyperparameter-sensitivity metric.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["average_ranks", "map_2d", "spearman", "ssim"]
@@ -53,49 +52,82 @@ def map_2d(maps: Tensor, inputs_ndim: int) -> Tensor:
     return maps.reshape(maps.shape[0], 1, -1)
 
 
-def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
-    t = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-(t**2) / (2 * sigma**2))
+def _gaussian_taps(sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``scipy.ndimage.gaussian_filter``'s kernel with ``truncate=3.5`` (radius ``int(3.5 sigma + 0.5)``)."""
+    radius = int(3.5 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    g = torch.exp(-0.5 * t**2 / sigma**2)
     return g / g.sum()
 
 
-def ssim(a: Tensor, b: Tensor, *, window: int = 7, sigma: float = 1.5, normalize: bool = True) -> Tensor:
-    """Mean structural similarity of each pair of 2-D maps ``(N, H, W)``.
+def _filter_axis(t: Tensor, taps: Tensor, dim: int) -> Tensor:
+    """Correlate ``t`` with ``taps`` along ``dim``, borders extended by mirror reflection including the edge
+    sample (``scipy.ndimage``'s ``mode="reflect"``: ``d c b a | a b c d | d c b a``, repeated as needed)."""
+    n, r = t.shape[dim], (taps.numel() - 1) // 2
+    idx = torch.arange(-r, n + r, device=t.device) % (2 * n)
+    idx = torch.where(idx < n, idx, 2 * n - 1 - idx)
+    padded = t.index_select(dim, idx).movedim(dim, -1)
+    out = padded.unfold(-1, taps.numel(), 1) @ taps
+    return out.movedim(-1, dim)
 
-    Each map is first scaled to ``[0, 1]`` by its own minimum and maximum (``normalize=True``, as Adebayo
-    et al. do), so the data range is 1 and ``C1 = 0.01^2``, ``C2 = 0.03^2``. The local statistics use a
-    Gaussian window (``sigma`` 1.5, side ``min(window, H, W)`` rounded down to odd), "valid" positions only,
-    with the unbiased (``n / (n - 1)``-corrected) covariance, as ``skimage.metrics.structural_similarity(...,
-    gaussian_weights=True, use_sample_covariance=True)``. Maps with a side of 1 give NaN.
+
+def ssim(a: Tensor, b: Tensor, *, window: int = 7, sigma: float = 1.5, normalize: bool = True) -> Tensor:
+    """Mean structural similarity of each pair of maps ``(N, H, W)`` (``H = 1``: 1-D maps of length ``W``).
+
+    Computed as ``skimage.metrics.structural_similarity(a, b, win_size=window, gaussian_weights=True,
+    sigma=sigma, use_sample_covariance=True, data_range=R)`` (Wang et al. 2004 with a Gaussian-weighted window,
+    as Adebayo et al. use): the local means and (``NP / (NP - 1)``-corrected) covariances come from
+    ``scipy.ndimage.gaussian_filter(sigma, truncate=3.5, mode="reflect")``, and the SSIM map is averaged after
+    cropping ``(window - 1) // 2`` samples from every border. ``C1 = (0.01 R)^2``, ``C2 = (0.03 R)^2``.
+
+    - ``normalize=True`` (default): each map is first scaled to ``[0, 1]`` by its own minimum and maximum (as
+      Adebayo et al. do) and ``R = 1``; a constant map becomes all zeros, so two constant maps score 1.
+    - ``normalize=False``: the maps as they are, ``R`` = the pair's joint value range (``max - min`` over both
+      maps, 1 if that is 0), Quantus' ``ssim`` convention.
+
+    An axis of length 1 is not filtered (``(N, 1, W)`` maps get skimage's 1-D SSIM, ``NP = window``). The window
+    is shortened to the shortest filtered side (rounded down to odd); with no side of length 3 or more the
+    result is NaN.
     """
     a, b = a.double(), b.double()
     if a.ndim != 3 or a.shape != b.shape:
         raise ValueError(f"ssim needs two (N, H, W) tensors of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}.")
-    n, h, w = a.shape
-    size = min(window, h, w)
+    n = a.shape[0]
+    axes = [d for d in (1, 2) if a.shape[d] > 1]
+    size = min([window, *(a.shape[d] for d in axes)])
     size = size if size % 2 == 1 else size - 1
-    if size < 2:
+    if not axes or size < 3:
         return torch.full((n,), math.nan, dtype=torch.float64, device=a.device)
+    flat_a, flat_b = a.reshape(n, -1), b.reshape(n, -1)
     if normalize:
-        def scale(m: Tensor) -> Tensor:
-            flat = m.reshape(n, -1)
+        def scale(m: Tensor, flat: Tensor) -> Tensor:
             lo, hi = flat.min(1).values, flat.max(1).values
             span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
             return (m - lo[:, None, None]) / span[:, None, None]
 
-        a, b = scale(a), scale(b)
-    g = _gaussian_window(size, sigma, a.dtype, a.device)
-    kernel = (g[:, None] * g[None, :])[None, None]
-    x, y = a[:, None], b[:, None]
+        a, b = scale(a, flat_a), scale(b, flat_b)
+        data_range = torch.ones(n, dtype=a.dtype, device=a.device)
+    else:
+        both = torch.cat([flat_a, flat_b], 1)
+        data_range = both.max(1).values - both.min(1).values
+        data_range = torch.where(data_range > 0, data_range, torch.ones_like(data_range))
+    taps = _gaussian_taps(sigma, a.dtype, a.device)
 
     def filt(t: Tensor) -> Tensor:
-        return F.conv2d(t, kernel)
+        for d in axes:
+            t = _filter_axis(t, taps, d)
+        return t
 
-    mx, my = filt(x), filt(y)
-    cov_norm = size * size / (size * size - 1)
-    vx = cov_norm * (filt(x * x) - mx * mx)
-    vy = cov_norm * (filt(y * y) - my * my)
-    vxy = cov_norm * (filt(x * y) - mx * my)
-    c1, c2 = 0.01**2, 0.03**2
+    mx, my = filt(a), filt(b)
+    n_window = size ** len(axes)
+    cov_norm = n_window / (n_window - 1)
+    vx = cov_norm * (filt(a * a) - mx * mx)
+    vy = cov_norm * (filt(b * b) - my * my)
+    vxy = cov_norm * (filt(a * b) - mx * my)
+    c1 = ((0.01 * data_range) ** 2)[:, None, None]
+    c2 = ((0.03 * data_range) ** 2)[:, None, None]
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    pad = (size - 1) // 2
+    for d in axes:
+        s = s.narrow(d, pad, s.shape[d] - 2 * pad)
     return s.reshape(n, -1).mean(1)

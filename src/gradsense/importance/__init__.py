@@ -3,7 +3,7 @@ each with the loss change measured on held-out data next to the change the score
 
 - :func:`importance` (``method=``, ``granularity="weight"|"channel"|"head"|"layer"``) ->
   :class:`~gradsense.results.importance.ImportanceResult` with ``.scores``, ``.ranking()``,
-  ``.prune(sparsity, structure="unstructured"|"N:M"|"channel"|"head", scope="global"|"layer")`` and
+  ``.prune(sparsity, structure="unstructured"|"N:M"|"channel"|"head", scope="global"|"layer"|"row")`` and
   ``.allocate_bits(mean_bits, choices=(2, 3, 4, 8))``;
 - :func:`apply` (masks or bits -> a pruned / fake-quantised copy; the caller's model is untouched),
   :func:`measure` (measured vs predicted change), :func:`sweep` (methods x sparsities, measured).

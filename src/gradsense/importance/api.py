@@ -279,8 +279,9 @@ def prune(result: ImportanceResult, sparsity: float | None = None, *, structure:
         sparsity: Fraction in ``[0, 1)`` of weights (unstructured) or units (channel/head) to remove; for
             ``N:M`` it is implied (``1 - N/M``) and may be omitted.
         structure: ``"unstructured"``, ``"N:M"`` (e.g. ``"2:4"``), ``"channel"`` or ``"head"``.
-        scope: ``"global"`` (one ranking across layers) or ``"layer"`` (the same sparsity in every tensor/layer;
-            for ``ecoflap`` scores, the per-layer sparsities from its zeroth-order allocation).
+        scope: ``"global"`` (one ranking across layers), ``"layer"`` (the same sparsity in every tensor/layer;
+            for ``ecoflap`` scores, the per-layer sparsities from its zeroth-order allocation) or ``"row"`` (unstructured
+            only: the same sparsity in every output row of every tensor, Wanda's comparison group).
         floor: Global unstructured scope: weights (int) or fraction (float in (0, 1)) every tensor keeps.
         measure: Measure the change on the result's held-out data (when it has some).
 
@@ -295,8 +296,11 @@ def prune(result: ImportanceResult, sparsity: float | None = None, *, structure:
             :func:`importance` scored it (pass ``measure=False`` to skip the measurement).
     """
     kind, nm = _masks.parse_structure(structure)
-    if scope not in ("global", "layer"):
-        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}.")
+    if scope not in ("global", "layer", "row"):
+        raise ValueError(f"scope must be 'global', 'layer' or 'row', got {scope!r}.")
+    if scope == "row" and kind != "unstructured":
+        raise ValueError(f"scope='row' is for unstructured pruning (each output row loses the same share); "
+                         f"structure={structure!r} takes scope 'global' or 'layer'.")
     if kind == "nm":
         implied = 1 - nm[0] / nm[1]
         if sparsity is not None and abs(_masks.check_sparsity(sparsity) - implied) > 1e-12:
@@ -456,7 +460,7 @@ def sweep(
         methods: Score methods to compare.
         sparsities: Target sparsities (each in ``[0, 1)``).
         structure: ``"unstructured"``, ``"channel"`` or ``"head"`` (granularity follows).
-        scope: ``"global"`` or ``"layer"``.
+        scope: ``"global"``, ``"layer"`` or (unstructured) ``"row"``, as for :func:`prune`.
         params, metric, seed, batch_size, name: As for :func:`importance`.
         options: ``{method: options}`` passed to :func:`importance`.
 
@@ -477,6 +481,8 @@ def sweep(
     kind, _ = _masks.parse_structure(structure)
     if kind == "nm":
         raise ValueError("sweep varies the sparsity; N:M fixes it. Use prune(structure='2:4') instead.")
+    if scope not in ("global", "layer", "row") or (scope == "row" and kind != "unstructured"):
+        raise ValueError(f"scope must be 'global' or 'layer' ('row' for unstructured pruning), got {scope!r}.")
     granularity = {"unstructured": "weight", "channel": "channel", "head": "head"}[kind]
     data_size(heldout)
     meas = Measurer(model, loss_fn, heldout, calibration=data, metric=metric, batch_size=batch_size)

@@ -9,7 +9,7 @@
   Models"): ``s_ij = |W_ij| * ||X_j||``, GBLM with ``alpha = 0`` and no backward pass.
 
 Both score the weights of ``Linear``/``Conv1d``/``Conv2d`` layers (a conv's input features are its unfolded
-patches). The papers prune within each output row; ``prune(scope="layer")`` prunes within each layer.
+patches). The papers prune within each output row: ``prune(scope="row")``.
 """
 
 from __future__ import annotations

@@ -2,8 +2,10 @@
 
 Every mask is a boolean tensor shaped like its parameter, ``True`` = keep. Counts are exact: at sparsity ``s``
 a set of ``n`` candidates loses ``round(s * n)`` of them (``floor(s * n + 1/2)``) - all selected weights together
-for ``scope="global"``, each tensor (or each layer's units) for ``scope="layer"``. Ties are broken by position
-(the earlier element goes first), so masks are deterministic.
+for ``scope="global"``, each tensor (or each layer's units) for ``scope="layer"``, each output row of each tensor
+(the weight viewed as ``(out, in * kernel)``) for ``scope="row"``, the comparison group of Wanda (Sun et al. 2024,
+whose reference code removes ``int(s * n)`` per row: the same count whenever ``s * n`` is a whole number). Ties
+are broken by position (the earlier element goes first), so masks are deterministic.
 
 - **unstructured**: the lowest-scored weights go. With ``floor`` (global scope; Gupta et al. 2022's minimum
   threshold for global magnitude pruning) every tensor keeps at least ``floor`` weights (an int) or that fraction
@@ -98,7 +100,8 @@ def unstructured_masks(
     Args:
         scores: ``{name: element scores}``.
         sparsity: Fraction of weights to remove.
-        scope: ``"global"`` (one ranking of all weights) or ``"layer"`` (each tensor on its own).
+        scope: ``"global"`` (one ranking of all weights), ``"layer"`` (each tensor on its own) or ``"row"`` (each
+            output row of each tensor on its own; tensors of fewer than two dimensions count as one row).
         floor: Global scope only: weights (int) or fraction (float) every tensor keeps at least.
         counts: ``{name: weights to remove}`` per tensor (overrides ``sparsity`` for ``scope="layer"``).
         cap: Remove at most what the floor leaves instead of raising.
@@ -110,6 +113,15 @@ def unstructured_masks(
         ValueError: A floor that leaves fewer candidates than must be removed.
     """
     names = list(scores)
+    if scope == "row":
+        out = {}
+        for k in names:
+            rows = scores[k].reshape(scores[k].shape[0] if scores[k].ndim >= 2 else 1, -1).double().cpu()
+            r = n_remove(sparsity, rows.shape[1])
+            keep = torch.ones(rows.shape, dtype=torch.bool)
+            keep.scatter_(1, torch.argsort(rows, dim=1, stable=True)[:, :r], False)
+            out[k] = keep.reshape(scores[k].shape).to(scores[k].device)
+        return out
     if scope == "layer":
         out = {}
         for k in names:

@@ -103,7 +103,7 @@ ENTRY_POINTS = {
     "hessian-trace": lambda m: gs.hessian_trace(m, CE, (X, Y), rtol=0.5, seed=0),
     "spectral-density": lambda m: gs.spectral_density(m, CE, (X, Y), steps=4, probes=1, seed=0),
     "curvature-operator": lambda m: gs.curvature.operator(m, CE, (X, Y)).matvec(
-        torch.ones(sum(p.numel() for p in m.parameters()), dtype=torch.float64)),
+        torch.ones(sum(p.numel() for p in m.parameters() if p.requires_grad), dtype=torch.float64)),
     "loss-surface": lambda m: gs.loss_surface(m, CE, (X, Y), steps=3, seed=0),
     "interpolate": lambda m: gs.interpolate(m, copy.deepcopy(m), CE, (X, Y), steps=3),
     "sharpness-sam": lambda m: gs.sharpness(m, CE, (X, Y), kind="sam", seed=0),

@@ -11,8 +11,7 @@ needed - and, marked ``peer``, against BackPACK itself: ``DiagGGNExact``, ``Diag
 Conventions that differ:
 
 - BackPACK works on the parameters with ``requires_grad=True`` (its activation/pooling settings freeze the last
-  Linear layer); gradsense's ``params=None`` takes every parameter, frozen or not. The match is
-  ``params=lambda name, p: p.requires_grad``.
+  Linear layer); so does gradsense's ``params=None`` (every parameter only when none trains).
 - ``SumGradSquared`` squares the gradients of each example's *contribution* to the loss (``l_i / N`` under
   ``reduction="mean"``, ``l_i`` under ``"sum"``); ``kind="fisher"`` is ``(1/N) sum_i g_i g_i^T`` of the per-example
   losses ``l_i``: its diagonal is ``N * SumGradSquared`` (mean) or ``SumGradSquared / N`` (sum).
@@ -116,13 +115,15 @@ def test_curvature_products_equal_the_autograd_twins(name):
         torch.testing.assert_close(ours, matrix @ v, rtol=1e-9, atol=1e-12)
 
 
-def test_default_parameters_include_frozen_ones():
-    """Documented difference: without ``params=``, the frozen Linear of the activation settings is part of the
-    space (BackPACK and PyHessian leave frozen parameters out)."""
+def test_default_parameters_are_the_trainable_ones_as_in_backpack():
+    """Without ``params=``, the frozen Linear of the activation settings is left out, as BackPACK and PyHessian do;
+    a fully frozen model falls back to all of its parameters."""
     model, x, y, loss_fn = _setting("act-tanh-bias")
     op = gs.curvature.operator(model, loss_fn, (x, y))
-    assert op.numel == sum(p.numel() for p in model.parameters())
-    assert op.numel > sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert op.numel == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert op.numel < sum(p.numel() for p in model.parameters())
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    assert gs.curvature.operator(frozen, loss_fn, (x, y)).numel == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.peer

@@ -45,7 +45,8 @@ ParamSpec = Union[
 ]
 """Which parameters to take:
 
-- ``None``: every parameter;
+- ``None``: the parameters that train (``requires_grad=True``), as PyHessian and BackPACK take them; every
+  parameter when none trains (a fully frozen model), so that its curvature can still be read;
 - a ``str``: a regular expression matched (``re.search``) against the parameter's full name,
   e.g. ``"features\\.0\\."`` or ``"weight$"``;
 - a sequence of ``str``: exact parameter names, or module names (all parameters below that module);
@@ -124,7 +125,7 @@ def select_parameters(model: nn.Module, spec: ParamSpec = None) -> dict[str, Ten
     check_model(model)
     named = dict(model.named_parameters())
     if spec is None:
-        chosen = named
+        chosen = {n: p for n, p in named.items() if p.requires_grad} or named
     elif isinstance(spec, str):
         pattern = re.compile(spec)
         chosen = {n: p for n, p in named.items() if pattern.search(n)}

@@ -20,6 +20,7 @@ from gradsense import (
     curvature,
     evaluation,
     importance,
+    influence,
     landscape,
     losses,
     results,
@@ -30,6 +31,7 @@ from gradsense import (
 from gradsense.attribution import attribute, attribute_tokens
 from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
 from gradsense.evaluation import evaluate, global_sensitivity
+from gradsense.influence import gradient_alignment
 from gradsense.landscape import interpolate, loss_surface, sharpness
 from gradsense.results import AttributionResult, Result
 
@@ -45,9 +47,11 @@ __all__ = [
     "evaluate",
     "evaluation",
     "global_sensitivity",
+    "gradient_alignment",
     "hessian_eigs",
     "hessian_trace",
     "importance",
+    "influence",
     "interpolate",
     "landscape",
     "loss_surface",

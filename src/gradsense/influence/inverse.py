@@ -249,7 +249,7 @@ def lissa(apply: Callable[[Tensor], Tensor], b: Tensor, *, tol: float, maxiter: 
     Args:
         apply: ``A`` on rows.
         b: ``(m, D)`` right-hand sides.
-        tol: Stop when the relative change of every ``h`` is below ``tol``.
+        tol: Stop when every ``||A x - b|| / ||b||`` is below ``tol`` (the change of ``h`` is that residual).
         maxiter: Recursion depth.
         scale: ``s``, larger than ``A``'s top eigenvalue (default 1.1 x a power-iteration estimate).
         damping: Recorded in the report.
@@ -262,20 +262,21 @@ def lissa(apply: Callable[[Tensor], Tensor], b: Tensor, *, tol: float, maxiter: 
     if not scale > 0:
         raise ValueError(f"lissa: scale must be positive, got {scale}.")
     h = b.clone()
-    it = 0
+    bnorm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
+    it, done = 0, False
     for it in range(1, maxiter + 1):  # noqa: B007
         new = b + h - apply(h) / scale
-        change = (new - h).norm(dim=1) / new.norm(dim=1).clamp_min(1e-30)
+        # new - h = b - A (h / s): the residual of the current iterate x = h / s
+        res = (new - h).norm(dim=1) / bnorm
         h = new
-        if bool((change <= tol).all()):
+        if bool((res <= tol).all()):
+            done = True
             break
     x = h / scale
-    bnorm = b.norm(dim=1).clamp_min(torch.finfo(b.dtype).tiny)
     res = (apply(x) - b).norm(dim=1) / bnorm
     residuals = [float(v) for v in res]
     m = b.shape[0]
-    return x, SolveReport("lissa", [it] * m, residuals, all(math.isfinite(v) and v <= max(tol, 1e-3) * 10
-                                                              for v in residuals),
+    return x, SolveReport("lissa", [it] * m, residuals, done and all(v <= tol for v in residuals),
                           (it + 1) * m + extra, [], damping, tol)
 
 

@@ -58,7 +58,7 @@ class Layer:
     """A supported layer and how its gradient matrix maps to its parameters.
 
     Attributes:
-        name: Module name.
+        name: Module name (``"(root)"`` when the model itself is the layer).
         module: The module.
         kind: ``"linear"``, ``"conv2d"`` or ``"embedding"``.
         weight: Full name of the weight parameter.
@@ -159,7 +159,7 @@ def find_layers(model: nn.Module, params: ParamSpec = None, *, strict: bool = Fa
         else:
             kind, out_dim, in_dim = "embedding", m.embedding_dim, m.num_embeddings
         in_dim += 1 if bname else 0
-        out[name] = Layer(name, m, kind, wname, bname, out_dim, in_dim)
+        out[name or "(root)"] = Layer(name or "(root)", m, kind, wname, bname, out_dim, in_dim)
         covered.update([wname] + ([bname] if bname else []))
     if not out:
         raise ValueError(

@@ -139,6 +139,9 @@ def fit_factors(
     if isinstance(x0, Tensor):
         check_mean_loss(fm, loss_fn, x0, y0)
         if fisher == "sampled":
+            if y0.is_floating_point():
+                raise ValueError("fisher='sampled' draws class labels from the model's softmax: it needs classification "
+                                 "logits and integer labels; these labels are floating point. Use fisher='empirical'.")
             _sampler(fisher, seed, 0)(fm(fm.params, x0))  # type: ignore[misc]
     if chunk_size is None:
         device = next(iter(model.parameters())).device

@@ -176,15 +176,15 @@ def fit_factors(
     for k, layer in layers.items():
         s_cov = s_sum[k] / n
         s_vals, s_vecs = torch.linalg.eigh((s_cov + s_cov.T) / 2)
-        tensors[f"S_vals/{k}"], tensors[f"S_vecs/{k}"] = s_vals.clamp_min(0), s_vecs
+        tensors[f"S_vals/{k}"], tensors[f"S_vecs/{k}"] = s_vals.clamp_min(0), s_vecs.contiguous()
         if layer.kind == "embedding":
             tensors[f"A_diag/{k}"] = a_sum[k] / tokens[k]
-            basis[k] = (s_vecs, None)
+            basis[k] = (tensors[f"S_vecs/{k}"], None)
         else:
             a_cov = a_sum[k] / tokens[k]
             a_vals, a_vecs = torch.linalg.eigh((a_cov + a_cov.T) / 2)
-            tensors[f"A_vals/{k}"], tensors[f"A_vecs/{k}"] = a_vals.clamp_min(0), a_vecs
-            basis[k] = (s_vecs, a_vecs)
+            tensors[f"A_vals/{k}"], tensors[f"A_vecs/{k}"] = a_vals.clamp_min(0), a_vecs.contiguous()
+            basis[k] = (tensors[f"S_vecs/{k}"], tensors[f"A_vecs/{k}"])
 
     if strategy == "ekfac":
         lam: dict[str, Tensor] = {k: torch.zeros(layer.out_dim, layer.in_dim, dtype=dtype) for k, layer in layers.items()}

@@ -198,14 +198,14 @@ class RandomProjection:
         return self.project(dict(zip(self.sizes, parts)))
 
     def dense(self) -> Tensor:
-        """The whole ``k x D`` matrix ``P`` (scaled), for tests on small sizes only.
+        """The whole ``k x D`` matrix ``P`` (scaled, float64), for tests on small sizes only.
 
         Raises:
             ValueError: If ``k * D`` exceeds 5e7 entries.
         """
         if self.dim * self.input_dim > 5e7:
             raise ValueError(f"dense() refuses a {self.dim} x {self.input_dim} matrix; use project().")
-        cols = [self.tile(n, t) for n in self.sizes for _, t in self.tiles(n)]
+        cols = [self.tile(n, t, dtype=torch.float64) for n in self.sizes for _, t in self.tiles(n)]
         return torch.cat(cols, dim=1) * self.scale
 
 

@@ -189,10 +189,8 @@ class FeatureMap:
 # -------------------------------------------------------------------------------------------- per chunk
 def example_losses(model: nn.Module, loss_fn: LossFn, x: Any, y: Any) -> Tensor:
     """``(n,)`` loss of each example (a vmapped batch-of-one forward; a loop where vmap fails)."""
-    fm = functional(model)
-
     def one(xi: Any, yi: Any) -> Tensor:
-        return loss_fn(fm(fm.params, xi.unsqueeze(0)), yi.unsqueeze(0)).reshape(())
+        return loss_fn(model(xi.unsqueeze(0)), yi.unsqueeze(0)).reshape(())
 
     with torch.no_grad():
         try:

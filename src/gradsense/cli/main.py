@@ -11,6 +11,7 @@ from gradsense.cli.doctor import doctor_cmd
 from gradsense.cli.evaluate import evaluate_cmd
 from gradsense.cli.hessian import hessian_cmd
 from gradsense.cli.importance import importance_cmd
+from gradsense.cli.influence import influence_cmd
 from gradsense.cli.landscape import landscape_cmd
 
 EPILOG = """\b
@@ -23,6 +24,7 @@ Examples:
   gradsense hessian --model zoo:digits-cnn --dataset digits --per layer --out runs/hessian
   gradsense importance --model zoo:digits-cnn --dataset digits --method taylor --sparsity 0.5 --out runs/imp
   gradsense landscape --model zoo:digits-cnn --dataset digits --steps 21 --out runs/landscape
+  gradsense influence --model zoo:digits-cnn --train digits:train --query digits:test[:4] --method ekfac
 """
 
 
@@ -41,6 +43,7 @@ cli.add_command(attribute_cmd)
 cli.add_command(evaluate_cmd)
 cli.add_command(hessian_cmd)
 cli.add_command(importance_cmd)
+cli.add_command(influence_cmd)
 cli.add_command(landscape_cmd)
 
 

@@ -10,7 +10,8 @@
   that column and is reported; use ``curvature="ggn"`` or more damping.
 - ``"lissa"``: the Neumann series ``x_{j+1} = b + x_j - A x_j / s`` (Agarwal, Bullins & Hazan 2017), ``A^-1 b
   = x_J / s``, with ``s`` above the largest eigenvalue of ``A`` (estimated by power iteration unless given).
-- ``"exact"``: the dense ``A`` (at most 5000 parameters) and ``torch.linalg.solve``.
+- ``"exact"``: the dense ``A`` (at most 5000 parameters; one product per parameter) and ``torch.linalg.solve``.
+- ``"auto"``: ``"exact"`` up to :data:`EXACT_MAX` parameters, else ``"cg"``.
 
 Every solve returns a :class:`SolveReport` (iterations, final relative residuals, convergence, products).
 """
@@ -33,7 +34,10 @@ from gradsense.core.functional import ParamSpec
 
 __all__ = ["DampedCurvature", "SolveReport", "conjugate_gradient", "lissa", "solve"]
 
-Solver = Literal["cg", "lissa", "exact"]
+Solver = Literal["auto", "cg", "lissa", "exact"]
+
+#: ``solver="auto"`` forms the dense curvature (one product per parameter) up to this many parameters.
+EXACT_MAX = 2000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +105,7 @@ class DampedCurvature:
         self.numel = self.op.numel
         self.n_products = 0
         self._vmap_ok = True
+        self._lu: tuple[Tensor, Tensor, Tensor] | None = None
 
     def __call__(self, v: Tensor) -> Tensor:
         """``(m, D)`` -> ``(m, D)`` rows of ``(C + lambda I) v``."""
@@ -283,14 +288,21 @@ def lissa(apply: Callable[[Tensor], Tensor], b: Tensor, *, tol: float, maxiter: 
 def solve(a: DampedCurvature, b: Tensor, *, solver: Solver = "cg", tol: float | None = None,
           maxiter: int | None = None, scale: float | None = None, seed: int = 0) -> tuple[Tensor, SolveReport]:
     """``(C + lambda I)^-1 b`` for the rows of ``b`` with the chosen solver (see the module docstring)."""
-    tol = (1e-8 if b.dtype == torch.float64 else 1e-4) if tol is None else float(tol)
+    tol = (1e-8 if b.dtype == torch.float64 else 1e-3) if tol is None else float(tol)
+    if solver == "auto":
+        solver = "exact" if a.numel <= EXACT_MAX else "cg"
     if solver == "exact":
-        mat = a.dense()
-        x = torch.linalg.solve(mat, b.T).T
+        before = a.n_products
+        if a._lu is None:  # formed and factorised once, reused for every later block of right-hand sides
+            mat = a.dense()
+            a._lu = (mat, *torch.linalg.lu_factor(mat))
+        mat, lu, piv = a._lu
+        x = torch.linalg.lu_solve(lu, piv, b.T).T
         res = ((x @ mat.T - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).tolist()
-        return x, SolveReport("exact", [0] * b.shape[0], [float(v) for v in res], True, a.numel, [], a.damping, tol)
+        return x, SolveReport("exact", [0] * b.shape[0], [float(v) for v in res], True, a.n_products - before, [],
+                              a.damping, tol)
     if solver == "cg":
         return conjugate_gradient(a, b, tol=tol, maxiter=maxiter or min(a.numel, 1000), damping=a.damping)
     if solver == "lissa":
         return lissa(a, b, tol=tol, maxiter=maxiter or 1000, scale=scale, damping=a.damping, seed=seed)
-    raise ValueError(f"solver must be 'cg', 'lissa' or 'exact', got {solver!r}.")
+    raise ValueError(f"solver must be 'auto', 'cg', 'lissa' or 'exact', got {solver!r}.")

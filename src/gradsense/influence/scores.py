@@ -72,8 +72,8 @@ class _Setup:
         _check_method(method)
         if curvature not in ("hessian", "ggn", "fisher"):
             raise ValueError(f"curvature must be 'hessian', 'ggn' or 'fisher', got {curvature!r}.")
-        if solver not in ("cg", "lissa", "exact"):
-            raise ValueError(f"solver must be 'cg', 'lissa' or 'exact', got {solver!r}.")
+        if solver not in ("auto", "cg", "lissa", "exact"):
+            raise ValueError(f"solver must be 'auto', 'cg', 'lissa' or 'exact', got {solver!r}.")
         if damping is not None and (not isinstance(damping, (int, float)) or isinstance(damping, bool)
                                     or not math.isfinite(damping) or damping < 0):
             raise ValueError(f"damping must be a non-negative number or None, got {damping!r}.")
@@ -213,7 +213,7 @@ class _Setup:
         out: dict[str, Any] = {"convention": CONVENTIONS[self.method]}
         if self.reports:
             out["solver"] = [r.to_dict() for r in self.reports]
-            out["solver_summary"] = "; ".join(r.describe() for r in self.reports[:3])
+            out["solver_summary"] = "; ".join(dict.fromkeys(r.describe() for r in self.reports[:3] if r.products))
             out["converged"] = all(r.converged for r in self.reports)
         if self.method in ("influence", "ekfac", "trak"):
             out["damping"] = self.damping_used[0] if len(self.damping_used) == 1 else self.damping_used
@@ -279,7 +279,7 @@ def scores(
     seed: int | None = 0,
     damping: float | None = None,
     curvature: Literal["hessian", "ggn", "fisher"] = "ggn",
-    solver: Literal["cg", "lissa", "exact"] = "cg",
+    solver: Literal["auto", "cg", "lissa", "exact"] = "auto",
     factors: Any = None,
     fisher: Literal["empirical", "sampled"] = "empirical",
     curvature_data: Any = None,
@@ -325,7 +325,8 @@ def scores(
         seed: Projection / probe / label-sampling seed (``None``: drawn and recorded).
         damping: ``lambda`` of ``influence``/``ekfac``/``trak`` (``None``: the heuristics above).
         curvature: ``"ggn"`` (default, positive semi-definite), ``"hessian"`` or ``"fisher"`` for ``influence``.
-        solver: ``"cg"``, ``"lissa"`` or ``"exact"`` (at most 5000 parameters) for ``influence``.
+        solver: ``"auto"`` (exact up to 2000 parameters, else CG), ``"cg"``, ``"lissa"`` or ``"exact"`` (at most
+            5000 parameters) for ``influence``.
         factors: Fitted EK-FAC factors to reuse.
         fisher: ``"empirical"`` or ``"sampled"`` labels for fitting EK-FAC.
         curvature_data: Data for the curvature when ``train`` is :class:`GradientFeatures`.
@@ -391,7 +392,7 @@ def self_influence(
     seed: int | None = 0,
     damping: float | None = None,
     curvature: Literal["hessian", "ggn", "fisher"] = "ggn",
-    solver: Literal["cg", "lissa", "exact"] = "cg",
+    solver: Literal["auto", "cg", "lissa", "exact"] = "auto",
     factors: Any = None,
     fisher: Literal["empirical", "sampled"] = "empirical",
     flagged: Tensor | None = None,

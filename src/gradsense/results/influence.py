@@ -446,15 +446,35 @@ class SelfInfluenceResult(Result):
             rows.append(("flagged examples found", str(self.meta["found"])))
         return rows
 
-    def plot(self, **kwargs: Any) -> Any:
-        """Self-influence of every example, sorted (flagged examples, if known, in red)."""
+    def plot(self, inputs: Any = None, labels: Any = None, k: int = 12, **kwargs: Any) -> Any:
+        """The ``k`` most self-influential examples as images (when ``inputs`` are images), with their labels and
+        scores (flagged ones in red); otherwise every example's self-influence, sorted."""
         from matplotlib.figure import Figure
 
+        flagged = self.tensors.get("flagged")
+        labels = self.tensors.get("labels") if labels is None else labels
+        if inputs is not None and _image_like(inputs[0]):
+            top = self.top(k)
+            cols = min(6, len(top.indices))
+            rows = -(-len(top.indices) // cols)
+            fig = Figure(figsize=(1.5 * cols, 1.7 * rows + 0.4), layout="constrained")
+            axes = fig.subplots(rows, cols, squeeze=False)
+            for ax in axes.flat:
+                ax.set_axis_off()
+            for j, (i, v) in enumerate(zip(*top)):
+                ax = axes.flat[j]
+                _show(ax, inputs[int(i)])
+                ax.set_axis_on()
+                bad = flagged is not None and bool(flagged[int(i)])
+                lab = f" y={int(labels[int(i)])}" if labels is not None else ""
+                ax.set_title(f"#{int(i)}{lab}\n{float(v):.3g}" + (" flipped" if bad else ""), fontsize=7,
+                             color="#c0392b" if bad else "black")
+            fig.suptitle(kwargs.get("title", f"Most self-influential examples ({self.method})"), fontsize=9)
+            return fig
         order = self.ranked()
         fig = Figure(figsize=(6.4, 3.0), layout="constrained")
         ax = fig.subplots()
         s = self.scores[order].double().numpy()
-        flagged = self.tensors.get("flagged")
         colors = None if flagged is None else ["#c0392b" if bool(flagged[int(i)]) else "#4c72b0" for i in order]
         ax.bar(range(len(s)), s, color=colors or "#4c72b0", width=1.0)
         ax.set_yscale("symlog", linthresh=max(float(abs(s).max()) * 1e-3, 1e-12))

@@ -86,7 +86,8 @@ def kronfluence_scores(model: nn.Module, train: tuple[Tensor, Tensor], query: tu
 
 
 def dattri_scores(model: nn.Module, train: tuple[Tensor, Tensor], query: tuple[Tensor, Tensor], *,
-                  method: str = "cg", regularization: float = 1e-3, proj_dim: int = 512, **kwargs: object) -> Tensor:
+                  method: str = "cg", regularization: float = 1e-3, proj_dim: int | None = 512,
+                  **kwargs: object) -> Tensor:
     """dattri attributors (``"explicit"``, ``"cg"``, ``"lissa"``, ``"tracin"`` (grad-dot),
     ``"trak"``) -> ``(n_query, n_train)``; dattri returns ``(n_train, n_query)``, transposed here."""
     from dattri.algorithm import (
@@ -106,28 +107,35 @@ def dattri_scores(model: nn.Module, train: tuple[Tensor, Tensor], query: tuple[T
 
     full = DataLoader(TensorDataset(*train), batch_size=len(train[1]))
     qloader = DataLoader(TensorDataset(*query), batch_size=len(query[1]))
+    def one(params, data):  # noqa: ANN001, ANN202  (dattri's per-example functions get unbatched examples)
+        x, y = data
+        return F.cross_entropy(torch.func.functional_call(work, params, x.unsqueeze(0)), y.long().reshape(1))
+
     if method == "trak":
-        def m(params, data):  # noqa: ANN001, ANN202
+        def margin(params, data):  # noqa: ANN001, ANN202
             x, y = data
-            logits = torch.func.functional_call(work, params, x.unsqueeze(0))
-            p = torch.softmax(logits, -1)[0, y.long()]
-            return torch.log(p) - torch.log(1 - p)
+            logp = torch.log_softmax(torch.func.functional_call(work, params, x.unsqueeze(0))[0], -1)
+            lp = logp.gather(0, y.long().reshape(1))[0]
+            return lp - torch.log1p(-torch.exp(lp))
 
-        def target(params, data):  # noqa: ANN001, ANN202
-            x, y = data
-            logits = torch.func.functional_call(work, params, x.unsqueeze(0))
-            return F.cross_entropy(logits, y.long().unsqueeze(0))
+        def prob(params, data):  # noqa: ANN001, ANN202
+            return torch.exp(-one(params, data))
 
-        task = AttributionTask(loss_func=m, model=work, checkpoints=work.state_dict(), target_func=target)
-        att = TRAKAttributor(task=task, correct_probability_func=lambda params, data: torch.softmax(  # noqa: ARG005
-            torch.func.functional_call(work, params, data[0].unsqueeze(0)), -1)[0, data[1].long()],
-            device="cpu", projector_kwargs={"proj_dim": proj_dim, "device": "cpu"}, regularization=regularization)
+        # margin gradients on both sides, as in the TRAK paper (a loss target_func would flip the sign)
+        task = AttributionTask(loss_func=margin, model=work, checkpoints=work.state_dict())
+        att = TRAKAttributor(task=task, correct_probability_func=prob, device="cpu",
+                             projector_kwargs={"proj_dim": proj_dim, "device": "cpu"}, regularization=regularization)
         att.cache(full)
         return att.attribute(qloader).detach().T
-    task = AttributionTask(loss_func=f, model=work, checkpoints=work.state_dict())
     if method == "tracin":
+        task = AttributionTask(loss_func=one, model=work, checkpoints=work.state_dict())
         att = TracInAttributor(task=task, weight_list=torch.ones(1), normalized_grad=False, device="cpu")
+        if proj_dim is None:  # dattri always projects to 512 dimensions; None here means exact gradients
+            att.projector_kwargs = None
+        else:
+            att.projector_kwargs = {**att.projector_kwargs, "proj_dim": proj_dim}
         return att.attribute(full, qloader).detach().T
+    task = AttributionTask(loss_func=f, model=work, checkpoints=work.state_dict())
     if method == "lissa":
         att = IFAttributorLiSSA(task=task, device="cpu", damping=regularization, **kwargs)
     else:

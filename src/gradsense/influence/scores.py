@@ -68,6 +68,7 @@ class _Setup:
     def __init__(self, model: nn.Module, loss_fn: Any, train: Any, *, method: str, checkpoints: Any, lrs: Any,
                  params: ParamSpec, proj_dim: int | None, projection: Projection, seed: int, damping: float | None,
                  curvature: str, solver: str, factors: Any, fisher: str, curvature_data: Any,
+                 tol: float | None, maxiter: int | None,
                  max_memory: Any, chunk_size: int | None, show_progress: bool | None, name: str | None) -> None:
         _check_method(method)
         if curvature not in ("hessian", "ggn", "fisher"):
@@ -81,6 +82,11 @@ class _Setup:
         self.target = "margin" if method == "trak" else "loss"
         self.layers_only = method == "ekfac"
         self.damping, self.curvature, self.solver = damping, curvature, solver
+        if maxiter is not None:
+            check_positive_int(maxiter, "maxiter")
+        if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+            raise ValueError(f"tol must be a positive number, got {tol!r}.")
+        self.tol, self.maxiter = tol, maxiter
         self.max_memory, self.chunk_size, self.show_progress = max_memory, chunk_size, show_progress
         self.name = name
         if isinstance(train, GradientFeatures):
@@ -198,7 +204,8 @@ class _Setup:
             op.damping = self.damping if self.damping is not None else self._auto_damping(op)
             self.damping_used.append(op.damping)
             self._ops[c] = op
-        sol, report = solve(op, flat, solver=self.solver, seed=self.seed)  # type: ignore[arg-type]
+        sol, report = solve(op, flat, solver=self.solver, tol=self.tol, maxiter=self.maxiter,  # type: ignore[arg-type]
+                            seed=self.seed)
         self.reports.append(report)
         return self.fmap.from_params(self.fmap.unflatten(sol))
 
@@ -280,6 +287,8 @@ def scores(
     damping: float | None = None,
     curvature: Literal["hessian", "ggn", "fisher"] = "ggn",
     solver: Literal["auto", "cg", "lissa", "exact"] = "auto",
+    tol: float | None = None,
+    maxiter: int | None = None,
     factors: Any = None,
     fisher: Literal["empirical", "sampled"] = "empirical",
     curvature_data: Any = None,
@@ -327,6 +336,8 @@ def scores(
         curvature: ``"ggn"`` (default, positive semi-definite), ``"hessian"`` or ``"fisher"`` for ``influence``.
         solver: ``"auto"`` (exact up to 2000 parameters, else CG), ``"cg"``, ``"lissa"`` or ``"exact"`` (at most
             5000 parameters) for ``influence``.
+        tol: Relative residual at which CG/LiSSA stop (default 1e-8 in float64, 1e-3 in float32).
+        maxiter: Iteration limit of CG (default min(parameters, 1000)) and LiSSA (1000).
         factors: Fitted EK-FAC factors to reuse.
         fisher: ``"empirical"`` or ``"sampled"`` labels for fitting EK-FAC.
         curvature_data: Data for the curvature when ``train`` is :class:`GradientFeatures`.
@@ -354,8 +365,9 @@ def scores(
     seed = draw_seed(seed)
     setup = _Setup(model, loss_fn, train, method=method, checkpoints=checkpoints, lrs=lrs, params=params,
                    proj_dim=proj_dim, projection=projection, seed=seed, damping=damping, curvature=curvature,
-                   solver=solver, factors=factors, fisher=fisher, curvature_data=curvature_data,
-                   max_memory=max_memory, chunk_size=chunk_size, show_progress=show_progress, name=name)
+                   solver=solver, factors=factors, fisher=fisher, curvature_data=curvature_data, tol=tol,
+                   maxiter=maxiter, max_memory=max_memory, chunk_size=chunk_size, show_progress=show_progress,
+                   name=name)
     n_q, _, _ = check_labelled(model, loss_fn, query, "query")
     s, q_labels, q_loss = _scores_matrix(setup, query, n_q)
     feats = setup.feats
@@ -393,6 +405,8 @@ def self_influence(
     damping: float | None = None,
     curvature: Literal["hessian", "ggn", "fisher"] = "ggn",
     solver: Literal["auto", "cg", "lissa", "exact"] = "auto",
+    tol: float | None = None,
+    maxiter: int | None = None,
     factors: Any = None,
     fisher: Literal["empirical", "sampled"] = "empirical",
     flagged: Tensor | None = None,
@@ -426,8 +440,8 @@ def self_influence(
     seed = draw_seed(seed)
     setup = _Setup(model, loss_fn, data, method=method, checkpoints=checkpoints, lrs=lrs, params=params,
                    proj_dim=proj_dim, projection=projection, seed=seed, damping=damping, curvature=curvature,
-                   solver=solver, factors=factors, fisher=fisher, curvature_data=None, max_memory=max_memory,
-                   chunk_size=chunk_size, show_progress=show_progress, name=name)
+                   solver=solver, factors=factors, fisher=fisher, curvature_data=None, tol=tol, maxiter=maxiter,
+                   max_memory=max_memory, chunk_size=chunk_size, show_progress=show_progress, name=name)
     feats = setup.feats
     n = feats.n
     if flagged is not None and (not isinstance(flagged, Tensor) or flagged.shape != (n,)):

@@ -51,7 +51,7 @@ def kronfluence_scores(model: nn.Module, train: tuple[Tensor, Tensor], query: tu
     from kronfluence.task import Task
 
     class ClsTask(Task):
-        def compute_train_loss(self, batch, model, sample=False):  # noqa: ANN001, ANN202
+        def compute_train_loss(self, batch, model, sample=False):
             x, y = batch
             logits = model(x)
             if not sample:
@@ -60,7 +60,7 @@ def kronfluence_scores(model: nn.Module, train: tuple[Tensor, Tensor], query: tu
                 sampled = torch.multinomial(torch.softmax(logits.detach(), -1), 1).flatten()
             return F.cross_entropy(logits, sampled, reduction="sum")
 
-        def compute_measurement(self, batch, model):  # noqa: ANN001, ANN202
+        def compute_measurement(self, batch, model):
             x, y = batch
             return F.cross_entropy(model(x), y, reduction="sum")
 
@@ -101,24 +101,24 @@ def dattri_scores(model: nn.Module, train: tuple[Tensor, Tensor], query: tuple[T
 
     work = copy.deepcopy(model).eval()
 
-    def f(params, data):  # noqa: ANN001, ANN202
+    def f(params, data):
         x, y = data
         return F.cross_entropy(torch.func.functional_call(work, params, x), y.long())
 
     full = DataLoader(TensorDataset(*train), batch_size=len(train[1]))
     qloader = DataLoader(TensorDataset(*query), batch_size=len(query[1]))
-    def one(params, data):  # noqa: ANN001, ANN202  (dattri's per-example functions get unbatched examples)
+    def one(params, data):
         x, y = data
         return F.cross_entropy(torch.func.functional_call(work, params, x.unsqueeze(0)), y.long().reshape(1))
 
     if method == "trak":
-        def margin(params, data):  # noqa: ANN001, ANN202
+        def margin(params, data):
             x, y = data
             logp = torch.log_softmax(torch.func.functional_call(work, params, x.unsqueeze(0))[0], -1)
             lp = logp.gather(0, y.long().reshape(1))[0]
             return lp - torch.log1p(-torch.exp(lp))
 
-        def prob(params, data):  # noqa: ANN001, ANN202
+        def prob(params, data):
             return torch.exp(-one(params, data))
 
         # margin gradients on both sides, as in the TRAK paper (a loss target_func would flip the sign)

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
-from helpers import assert_model_unchanged
 from influence_cases import CE, blobs, fit_lbfgs
 from scipy.stats import spearmanr
 from torch import nn
 
 import gradsense as gs
 from gradsense.influence.lds import spearman_columns
+from helpers import assert_model_unchanged
 
 
 class TwoHeads(nn.Module):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_model_unchanged
 from influence_cases import CE, loop_grads
 from torch import nn
 
 import gradsense as gs
 from gradsense.influence.kfac import precondition
 from gradsense.results import Result
+from helpers import assert_model_unchanged
 
 
 def _mlp():
@@ -71,8 +71,8 @@ def _out_grads(model, layer, x, y):
     """Per-example (input, output gradient) of ``layer`` by a loop: hook the output, autograd w.r.t. it."""
     ins, outs, grads = [], [], []
     for i in range(x.shape[0]):
-        store = {}
-        h = layer.register_forward_hook(lambda m, a, o: store.update(a=a[0].detach(), o=o))
+        store: dict = {}
+        h = layer.register_forward_hook(lambda m, a, o, store=store: store.update(a=a[0].detach(), o=o))
         try:
             loss = CE(model(x[i:i + 1]), y[i:i + 1])
         finally:

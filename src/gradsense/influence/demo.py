@@ -27,7 +27,7 @@ def noisy_digits_model(fraction: float = 0.1, seed: int = 0, wd: float = 1e-3) -
     x, y = gs.zoo.dataset("digits", split="train")[:]
     g = torch.Generator().manual_seed(seed)
     n = y.shape[0]
-    flip = torch.randperm(n, generator=g)[: int(round(fraction * n))]
+    flip = torch.randperm(n, generator=g)[: round(fraction * n)]
     noisy = y.clone()
     noisy[flip] = (y[flip] + torch.randint(1, 10, (flip.numel(),), generator=g)) % 10
     flipped = torch.zeros(n, dtype=torch.bool)

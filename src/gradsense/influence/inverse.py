@@ -19,7 +19,6 @@ Every solve returns a :class:`SolveReport` (iterations, final relative residuals
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal

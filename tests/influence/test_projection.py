@@ -114,3 +114,42 @@ def test_memory_budget_sets_the_chunks():
     sizes = {k: p.numel() for k, p in model.named_parameters()}
     torch.testing.assert_close(large.features(), exact @ RandomProjection(sizes, 32).dense().double().T,
                                rtol=1e-10, atol=1e-12)
+
+
+def test_kronecker_features_equal_projected_loop_gradients():
+    """LoGra features from layer inputs/output gradients == P_out G P_in^T of per-example loop gradients,
+    for Linear, Conv2d and Embedding layers; the model is untouched and no hook survives (also on error)."""
+    from helpers import assert_model_unchanged
+    from test_kfac import ConvNet, EmbedNet
+
+    from gradsense.core.layergrads import find_layers
+    from gradsense.influence import FeatureMap
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    cases = [(ConvNet().double().eval(), torch.randn(6, 2, 5, 5, generator=g, dtype=torch.float64)),
+             (EmbedNet().double().eval(), torch.randint(0, 7, (6, 4), generator=g))]
+    for model, x in cases:
+        y = torch.randint(0, 2, (6,), generator=g)
+        with assert_model_unchanged(model):
+            f = gs.influence.features(model, CE, (x, y), proj_dim=12, projection="kronecker", seed=2)
+        layers = find_layers(model)
+        fmap = FeatureMap(model, None, 12, "kronecker", 2)
+        expected = []
+        for name, layer in layers.items():
+            grads = loop_grads(model, CE, x, y, names=layer.params)
+            parts, pos = {}, 0
+            for p in layer.params:
+                size = dict(model.named_parameters())[p].numel()
+                parts[p] = grads[:, pos:pos + size].reshape(6, *dict(model.named_parameters())[p].shape)
+                pos += size
+            mats = layer.from_params(parts)
+            expected.append(mats.reshape(6, -1) @ fmap.proj.dense(name).T)
+        torch.testing.assert_close(f.features(), torch.cat(expected, 1), rtol=1e-9, atol=1e-12)
+
+    def bad_loss(out, labels):
+        return out.sum(1)  # not a scalar
+
+    model = cases[0][0]
+    with assert_model_unchanged(model), pytest.raises(ValueError, match="scalar"):
+        gs.influence.features(model, bad_loss, (cases[0][1], y), proj_dim=12, projection="kronecker")

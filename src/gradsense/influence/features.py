@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -51,7 +51,7 @@ from gradsense.influence.checkpoints import Checkpoint, model_at, resolve_checkp
 from gradsense.results.influence import GradientFeatures
 from gradsense.results.shards import MANIFEST, ShardStore, is_shard_store
 
-__all__ = ["FeatureMap", "features", "margin_loss"]
+__all__ = ["FeatureMap", "FeaturePlan", "StreamedFeatures", "features", "margin_loss"]
 
 Projection = Literal["dense", "kronecker"]
 TargetKind = Literal["loss", "margin"]
@@ -352,90 +352,168 @@ def features(
         torch.Size([64, 256])
     """
     t0 = time.perf_counter()
-    if projection not in ("dense", "kronecker"):
-        raise ValueError(f"projection must be 'dense' or 'kronecker', got {projection!r}.")
-    if target not in ("loss", "margin"):
-        raise ValueError(f"target must be 'loss' or 'margin', got {target!r}.")
-    if proj_dim is not None:
-        check_positive_int(proj_dim, "proj_dim")
-    elif projection == "kronecker" and proj_dim is None:
-        raise ValueError("projection='kronecker' needs proj_dim (the total projected dimension).")
-    seed = draw_seed(seed)
-    n, x0, y0 = check_labelled(model, loss_fn, data, "data")
-    loss_used: LossFn = margin_loss if target == "margin" else loss_fn
-    if target == "margin":
-        with torch.no_grad():
-            margin_loss(model(x0), y0)
-    ckpts = resolve_checkpoints(model, checkpoints, lrs)
-    engine = "layers" if (projection == "kronecker" and proj_dim is not None) else "vmap"
-    device = next(iter(model.parameters())).device
-    budget = parse_memory(max_memory) if max_memory is not None else default_budget(device)
-    probe_map = FeatureMap(model, params, proj_dim, projection, seed, distribution, layers_only=layers_only)
-    item = next(iter(model.parameters())).element_size()
-    cache = 0
-    if isinstance(probe_map.proj, RandomProjection):
-        cache = min(probe_map.proj.dim * probe_map.numel * 4, budget // 2)
-    fmap = FeatureMap(model, params, proj_dim, projection, seed, distribution, layers_only=layers_only,
-                      cache=cache)
-    if engine == "layers" and isinstance(x0, Tensor):
-        check_mean_loss(functional(model), loss_used, x0, y0)
-    resumed = _resumed_sizes(out, resume)
-    if chunk_size is None and resumed is not None:
-        chunk_size = resumed[0]
-    if chunk_size is None:
-        example = x0[:1] if isinstance(x0, Tensor) else x0
-        per = estimate_example_bytes(model, example) if isinstance(example, Tensor) else 64 * 1024**2
-        per += (2 * fmap.numel * item if engine == "vmap" else 2 * per) + 4 * fmap.dim * item
-        chunk_size = chunk_size_for(per, max_memory=max(budget - cache, 1), total=n)
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
-    if shard_size is None:
-        shard_size = resumed[1] if resumed is not None else chunk_size * max(1, SHARD_ROWS // chunk_size)
-    shard_size = check_positive_int(shard_size, "shard_size")
-    models = [model_at(model, c) for c in ckpts]
-    meta_settings = {"proj_dim": proj_dim, "projection": projection if proj_dim else None, "target": target,
-                     "params": None if params is None else str(params), "distribution": distribution,
-                     "max_memory": max_memory, "chunk_size": chunk_size, "shard_size": shard_size,
-                     "checkpoints": len(ckpts)}
-    config = {"what": "gradient features", "model": _state_hash(Checkpoint("model", None, None), model),
-              "params": fmap.names, "projection": fmap.describe(), "target": target,
-              "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
-              "checkpoints": [_state_hash(c, model) for c in ckpts], "n": n, "data": data_probe(data, n),
-              "chunk_size": chunk_size, "layers_only": layers_only,
-              "dtype": str(next(iter(model.parameters())).dtype)}
-
-    def compute(_i: int, rows: slice) -> dict[str, Tensor]:
-        x, y = take(data, rows.start, rows.stop)
-        outs: dict[str, Tensor] = {}
-        for c, m in enumerate(models):
-            outs[f"features/{c}"] = chunk_features(m, loss_used, x, y, fmap, engine, chunk_size)
-            outs[f"loss/{c}"] = example_losses(m, loss_fn, x, y)
-            if target == "margin":
-                outs[f"prob/{c}"] = label_probability(m, x, y)
-        outs["labels"] = y.detach().clone()
-        return outs
-
-    meta = {"n": n, "dim": fmap.dim, "params": fmap.names, "numel": fmap.numel, "projection": fmap.describe(),
-            "target": target, "checkpoints": [c.label for c in ckpts],
-            "lrs": None if all(c.lr is None for c in ckpts) else [c.lr for c in ckpts],
-            "layers_only": bool(layers_only or engine == "layers"), "engine": engine}
+    plan = FeaturePlan(model, loss_fn, data, proj_dim=proj_dim, projection=projection, params=params, seed=seed,
+                       distribution=distribution, target=target, checkpoints=checkpoints, lrs=lrs,
+                       layers_only=layers_only, max_memory=max_memory, chunk_size=chunk_size, shard_size=shard_size,
+                       resumed=_resumed_sizes(out, resume), name=name)
     if out is not None:
-        store = ShardStore(out, total=n, shard_rows=shard_size, config=config, resume=resume,
+        store = ShardStore(out, total=plan.n, shard_rows=plan.shard_size, config=plan.config, resume=resume,
                            what="gradient features")
-        store.run(compute, desc="gradient features", show_progress=show_progress)
-        proto = GradientFeatures.build({}, method="features", settings=meta_settings,
-                                       model=model_fingerprint(model, name), seed=seed, **meta)
+        store.run(lambda _i, rows: plan.compute(rows), desc="gradient features", show_progress=show_progress)
         if not store.complete:
+            proto = plan.result({})
             store.finish({"result": {**proto.meta, "wall_time_s": time.perf_counter() - t0}})
         return GradientFeatures.load(out)
     parts: dict[str, list[Tensor]] = {}
-    spans = list(chunks(n, shard_size))
-    for i, rows in enumerate(progress(spans, total=len(spans), desc="gradient features", enabled=show_progress)):
-        for k, v in compute(i, rows).items():
+    spans = list(chunks(plan.n, plan.shard_size))
+    for rows in progress(spans, total=len(spans), desc="gradient features", enabled=show_progress):
+        for k, v in plan.compute(rows).items():
             parts.setdefault(k, []).append(v)
-    tensors = {k: torch.cat(v) for k, v in parts.items()}
-    return GradientFeatures.build(tensors, method="features", settings=meta_settings,
-                                  model=model_fingerprint(model, name), seed=seed,
-                                  wall_time_s=time.perf_counter() - t0, **meta)
+    return plan.result({k: torch.cat(v) for k, v in parts.items()}, wall_time_s=time.perf_counter() - t0)
+
+
+class FeaturePlan:
+    """The checked settings of a features run and how to compute the rows of any range of examples.
+
+    Everything is checked here, before any work or file: :func:`features` stores the rows (in memory or in
+    shards), :class:`StreamedFeatures` computes them when read. The arguments are those of :func:`features`;
+    ``resumed`` is the ``(chunk_size, shard_size)`` of a run being resumed.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any, *, proj_dim: int | None, projection: Projection,
+                 params: ParamSpec, seed: int | None, distribution: str, target: TargetKind,
+                 checkpoints: Sequence[Any] | None, lrs: Sequence[float] | float | None, layers_only: bool,
+                 max_memory: int | str | None, chunk_size: int | None, shard_size: int | None,
+                 resumed: tuple[int, int] | None = None, name: str | None = None) -> None:
+        if projection not in ("dense", "kronecker"):
+            raise ValueError(f"projection must be 'dense' or 'kronecker', got {projection!r}.")
+        if target not in ("loss", "margin"):
+            raise ValueError(f"target must be 'loss' or 'margin', got {target!r}.")
+        if proj_dim is not None:
+            check_positive_int(proj_dim, "proj_dim")
+        elif projection == "kronecker":
+            raise ValueError("projection='kronecker' needs proj_dim (the total projected dimension).")
+        self.seed = draw_seed(seed)
+        self.n, x0, y0 = check_labelled(model, loss_fn, data, "data")
+        self.model, self.loss_fn, self.data, self.target, self.name = model, loss_fn, data, target, name
+        self.loss_used: LossFn = margin_loss if target == "margin" else loss_fn
+        if target == "margin":
+            with torch.no_grad():
+                margin_loss(model(x0), y0)
+        self.ckpts = resolve_checkpoints(model, checkpoints, lrs)
+        self.engine = "layers" if (projection == "kronecker" and proj_dim is not None) or layers_only else "vmap"
+        p0 = next(iter(model.parameters()))
+        budget = parse_memory(max_memory) if max_memory is not None else default_budget(p0.device)
+        cache = 0
+        if proj_dim is not None and projection == "dense":
+            numel = sum(p.numel() for p in select_parameters(model, params).values())
+            cache = min(proj_dim * numel * 4, budget // 2)
+        self.fmap = FeatureMap(model, params, proj_dim, projection, self.seed, distribution, layers_only=layers_only,
+                               cache=cache)
+        if self.engine == "layers" and isinstance(x0, Tensor):
+            check_mean_loss(functional(model), self.loss_used, x0, y0)
+        if chunk_size is None and resumed is not None:
+            chunk_size = resumed[0]
+        if chunk_size is None:
+            example = x0[:1] if isinstance(x0, Tensor) else x0
+            per = estimate_example_bytes(model, example) if isinstance(example, Tensor) else 64 * 1024**2
+            grads = 2 * self.fmap.numel * p0.element_size()  # per-example gradients (and their flat copy)
+            per += grads + 4 * self.fmap.dim * p0.element_size()
+            chunk_size = chunk_size_for(per, max_memory=max(budget - cache, 1), total=self.n)
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        if shard_size is None:
+            shard_size = resumed[1] if resumed is not None else self.chunk_size * max(1, SHARD_ROWS // self.chunk_size)
+        self.shard_size = check_positive_int(shard_size, "shard_size")
+        self.models = [model_at(model, c) for c in self.ckpts]
+        self.settings = {"proj_dim": proj_dim, "projection": projection if proj_dim else None, "target": target,
+                         "params": None if params is None else str(params), "distribution": distribution,
+                         "max_memory": max_memory, "chunk_size": self.chunk_size, "shard_size": self.shard_size,
+                         "checkpoints": len(self.ckpts)}
+        self.config = {"what": "gradient features", "model": _state_hash(Checkpoint("model", None, None), model),
+                       "params": self.fmap.names, "projection": self.fmap.describe(), "target": target,
+                       "loss_fn": getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
+                       "checkpoints": [_state_hash(c, model) for c in self.ckpts], "n": self.n,
+                       "data": data_probe(data, self.n), "chunk_size": self.chunk_size, "layers_only": layers_only,
+                       "dtype": str(p0.dtype)}
+        self.meta = {"n": self.n, "dim": self.fmap.dim, "params": self.fmap.names, "numel": self.fmap.numel,
+                     "projection": self.fmap.describe(), "target": target, "checkpoints": [c.label for c in self.ckpts],
+                     "lrs": None if all(c.lr is None for c in self.ckpts) else [c.lr for c in self.ckpts],
+                     "layers_only": bool(layers_only or self.engine == "layers"), "engine": self.engine}
+
+    def compute(self, rows: slice, checkpoints: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The rows ``rows`` of every output tensor (``features/c``, ``loss/c``, ``prob/c``, ``labels``)."""
+        x, y = take(self.data, rows.start, rows.stop)
+        outs: dict[str, Tensor] = {}
+        for c, m in enumerate(self.models):
+            if checkpoints is not None and c not in checkpoints:
+                continue
+            outs[f"features/{c}"] = chunk_features(m, self.loss_used, x, y, self.fmap, self.engine, self.chunk_size)
+            outs[f"loss/{c}"] = example_losses(m, self.loss_fn, x, y)
+            if self.target == "margin":
+                outs[f"prob/{c}"] = label_probability(m, x, y)
+        outs["labels"] = y.detach().clone()  # type: ignore[union-attr]
+        return outs
+
+    def result(self, tensors: dict[str, Tensor], wall_time_s: float | None = None) -> GradientFeatures:
+        """A :class:`GradientFeatures` holding ``tensors`` with this run's metadata."""
+        return GradientFeatures.build(tensors, method="features", settings=self.settings,
+                                      model=model_fingerprint(self.model, self.name), seed=self.seed,
+                                      wall_time_s=wall_time_s, **self.meta)
+
+
+class StreamedFeatures:
+    """Gradient features computed block by block whenever they are read, never stored.
+
+    What :func:`gradsense.influence.scores` uses when the training set is given as data and scored once: memory
+    stays at one block of training gradients (kronfluence's way) instead of ``n x dim``. It has the parts of
+    :class:`GradientFeatures` scoring reads: ``n``, ``dim``, ``meta``, ``n_checkpoints``, ``lrs``, ``target``,
+    :meth:`blocks`.
+
+    Args:
+        plan: The checked run.
+        show_progress: Progress bar on each pass.
+    """
+
+    sharded = False
+
+    def __init__(self, plan: FeaturePlan, show_progress: bool | None = None) -> None:
+        self.plan = plan
+        self.tensors: dict[str, Tensor] = {}
+        self.meta = {**plan.result({}).meta}
+        self.show_progress = show_progress
+
+    @property
+    def n(self) -> int:
+        return self.plan.n
+
+    @property
+    def dim(self) -> int:
+        return self.plan.fmap.dim
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.plan.ckpts)
+
+    @property
+    def lrs(self) -> list[float] | None:
+        return self.meta.get("lrs")
+
+    @property
+    def target(self) -> str:
+        return self.plan.target
+
+    def blocks(self, checkpoint: int = 0, *, keys: Sequence[str] = ("features",),
+               rows: int | None = None) -> Iterator[tuple[slice, dict[str, Tensor]]]:
+        """``(rows, {key: block})`` over the examples, computed now, one shard-sized block at a time."""
+        spans = list(chunks(self.n, rows or self.plan.shard_size))
+        for sl in progress(spans, total=len(spans), desc="training gradients", enabled=self.show_progress):
+            t = self.plan.compute(sl, checkpoints=[checkpoint])
+            yield sl, {k: t[f"{k}/{checkpoint}"] for k in keys}
+
+    def _get(self, key: str) -> Tensor:
+        if key != "labels":
+            raise KeyError(key)
+        return take(self.plan.data, 0, self.n)[1]  # type: ignore[return-value]
 
 
 def _resumed_sizes(out: str | Path | None, resume: bool) -> tuple[int, int] | None:

@@ -25,7 +25,9 @@ from gradsense.core.ranges import take
 from gradsense.influence.checkpoints import model_at, resolve_checkpoints
 from gradsense.influence.features import (
     FeatureMap,
+    FeaturePlan,
     Projection,
+    StreamedFeatures,
     check_labelled,
     chunk_features,
     example_losses,
@@ -126,10 +128,17 @@ class _Setup:
                              "at each checkpoint.")
         self.fisher, self.seed = fisher, seed
         if self.feats is None:
-            self.feats = features(model, loss_fn, train, proj_dim=proj_dim, projection=projection, params=params,
-                                  seed=seed, target=self.target, checkpoints=checkpoints, lrs=lrs,  # type: ignore[arg-type]
-                                  layers_only=self.layers_only, max_memory=max_memory, chunk_size=chunk_size,
-                                  show_progress=show_progress, name=name)
+            plan = FeaturePlan(model, loss_fn, train, proj_dim=proj_dim, projection=projection, params=params,
+                               seed=seed, distribution="rademacher", target=self.target,  # type: ignore[arg-type]
+                               checkpoints=checkpoints, lrs=lrs, layers_only=self.layers_only, max_memory=max_memory,
+                               chunk_size=chunk_size, shard_size=None, name=name)
+            if method == "trak":  # the kernel needs every training feature first: computed once and kept
+                self.feats = features(model, loss_fn, train, proj_dim=proj_dim, projection=projection,
+                                      params=params, seed=seed, target="margin", checkpoints=checkpoints, lrs=lrs,
+                                      max_memory=max_memory, chunk_size=plan.chunk_size, show_progress=show_progress,
+                                      name=name)
+            else:  # scored once: training gradients streamed block by block, never all in memory
+                self.feats = StreamedFeatures(plan, show_progress=show_progress)  # type: ignore[assignment]
         self.models = [model_at(model, c) for c in self.ckpts]
         self.fmap = FeatureMap.for_features(model, self.feats)
         self.engine = "layers" if self.feats.meta.get("engine") == "layers" else "vmap"
@@ -241,7 +250,8 @@ class _Setup:
 
 
 def _scores_matrix(setup: _Setup, query: Any, n_q: int) -> tuple[Tensor, Tensor | None, Tensor]:
-    """``(n_q, n_train)`` scores, query labels and query losses, query chunk by query chunk."""
+    """``(n_q, n_train)`` scores, query labels and query losses: every query's vector first, then one pass over the
+    training features (read from memory or disk, or computed block by block)."""
     feats = setup.feats
     out = torch.zeros(n_q, feats.n, dtype=torch.float64)
     labels: list[Tensor] = []
@@ -249,25 +259,26 @@ def _scores_matrix(setup: _Setup, query: Any, n_q: int) -> tuple[Tensor, Tensor 
     qchunk = max(1, min(n_q, 256))
     cos = setup.method == "grad_cos"
     for c, w in enumerate(setup.weights()):
-        train_norms = feats.norms(c).clamp_min(1e-30) if cos else None
+        parts = []
         for sl in chunks(n_q, qchunk):
             x, y = take(query, sl.start, sl.stop)
             if y is None:
                 raise ValueError("query has no labels: influence is about the query's loss; pass (inputs, labels).")
-            q = setup.query_vectors(c, x, y).double()
+            parts.append(setup.query_vectors(c, x, y).double())
             if c == 0:
                 labels.append(y)
             losses[sl] += example_losses(setup.models[c], setup.loss_fn, x, y).double() * (1 / len(setup.ckpts))
+        q = torch.cat(parts)
+        if cos:
+            q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        keys = ("features", "prob") if setup.method == "trak" else ("features",)
+        for rows, b in feats.blocks(c, keys=keys):
+            t = b["features"].double()
             if cos:
-                q = q / q.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            keys = ("features", "prob") if setup.method == "trak" else ("features",)
-            for rows, b in feats.blocks(c, keys=keys):
-                t = b["features"].double()
-                if cos:
-                    t = t / train_norms[rows, None]  # type: ignore[index]
-                if setup.method == "trak":
-                    t = t * (1 - b["prob"].double())[:, None]
-                out[sl, rows] += w * (q @ t.T)
+                t = t / t.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            if setup.method == "trak":
+                t = t * (1 - b["prob"].double())[:, None]
+            out[:, rows] += w * (q @ t.T)
     return out, torch.cat(labels) if labels else None, losses
 
 
@@ -375,11 +386,10 @@ def scores(
                "query_loss": q_loss}
     if q_labels is not None:
         tensors["query_labels"] = q_labels
-    if "labels" in feats.tensors or feats.sharded:
-        try:
-            tensors["train_labels"] = feats._get("labels")
-        except (KeyError, ValueError):
-            pass
+    try:
+        tensors["train_labels"] = feats._get("labels")
+    except (KeyError, ValueError, FileNotFoundError):
+        pass
     settings = {"proj_dim": feats.meta.get("projection", {}) and feats.meta["projection"].get("dim"),
                 "n_train": feats.n, "n_query": n_q, "curvature": curvature if method == "influence" else None,
                 "solver": solver if method == "influence" else None, "fisher": fisher if method == "ekfac" else None}

@@ -244,7 +244,7 @@ def mislabel_section(args: argparse.Namespace) -> None:
           "top 10% by self-influence (chance 10%)", ["method", "found", "seconds"], rows)
 
 
-COST_METHODS = ["gradsense ekfac", "gradsense grad_cos", "gradsense trak (proj 2048)", "kronfluence ekfac",
+COST_METHODS = ["gradsense ekfac", "gradsense ekfac (max_memory=64MB)", "gradsense grad_cos", "gradsense trak (proj 2048)", "kronfluence ekfac",
                 "dattri TRAK (proj 2048)", "floor"]
 
 
@@ -264,6 +264,7 @@ def _cost_child(method: str, n_train: int, n_query: int) -> dict[str, float]:
             model.zero_grad()
     elif method.startswith("gradsense"):
         opts = {"gradsense ekfac": {"method": "ekfac"}, "gradsense grad_cos": {"method": "grad_cos"},
+                "gradsense ekfac (max_memory=64MB)": {"method": "ekfac", "max_memory": "64MB"},
                 "gradsense trak (proj 2048)": {"method": "trak", "proj_dim": 2048}}[method]
 
         def run() -> None:

@@ -147,7 +147,8 @@ def fit_factors(
         device = next(iter(model.parameters())).device
         budget = parse_memory(max_memory) if max_memory is not None else default_budget(device)
         per = 3 * estimate_example_bytes(model, x0[:1]) if isinstance(x0, Tensor) else 64 * 1024**2
-        per += 4 * sum(layer.out_dim * layer.in_dim for layer in layers.values()) * 2
+        item = next(iter(model.parameters())).element_size()
+        per += 3 * item * sum(layer.out_dim * layer.in_dim for layer in layers.values())  # rotated G and its square
         chunk_size = chunk_size_for(per, max_memory=budget, total=n)
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     spans = list(chunks(n, chunk_size))
@@ -191,11 +192,11 @@ def fit_factors(
         for ci, sl in enumerate(progress(spans, total=len(spans), desc="EK-FAC eigenvalues", enabled=show_progress)):
             io = _io(fm, loss_fn, data, sl, layers, fisher, seed, ci)
             for k, layer in layers.items():
-                qs, qa = basis[k]
-                io.grads[k] = io.grads[k].to(dtype)
-                if layer.kind != "embedding":
-                    io.inputs[k] = io.inputs[k].to(dtype)
-                lam[k] += (_rotated(layer, io, qs, qa) ** 2).sum(0)
+                qs, qa = basis[k]  # rotations in the model's dtype, their squares summed in float64
+                work = io.grads[k].dtype
+                rot = _rotated(layer, io, qs.to(work), None if qa is None else qa.to(work))
+                lam[k] += (rot * rot).sum(0, dtype=dtype)
+                del rot
         for k in layers:
             tensors[f"lambda/{k}"] = lam[k] / n
 

@@ -183,10 +183,13 @@ def test_trak_equals_explicit_formula(logreg):
     torch.testing.assert_close(res.scores, expected, rtol=1e-8, atol=1e-10)
 
 
-def test_features_reused_across_queries(mlp):
+def test_features_reused_across_queries(mlp, tmp_path):
     model, train, test = mlp
     feats = gs.influence.features(model, CE, train)
-    a = gs.influence.scores(model, CE, feats, test, method="grad_dot")
+    feats.save(tmp_path / "f")
+    reloaded = gs.Result.load(tmp_path / "f")
+    assert isinstance(reloaded, gs.influence.GradientFeatures) and torch.equal(reloaded.features(), feats.features())
+    a = gs.influence.scores(model, CE, reloaded, test, method="grad_dot")
     b = gs.influence.scores(model, CE, train, test, method="grad_dot")
     torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=0)
     with pytest.raises(ValueError, match="margin"):

@@ -504,8 +504,8 @@ class StreamedFeatures:
 
     def blocks(self, checkpoint: int = 0, *, keys: Sequence[str] = ("features",),
                rows: int | None = None) -> Iterator[tuple[slice, dict[str, Tensor]]]:
-        """``(rows, {key: block})`` over the examples, computed now, one shard-sized block at a time."""
-        spans = list(chunks(self.n, rows or self.plan.shard_size))
+        """``(rows, {key: block})`` over the examples, computed now, one chunk (from the memory budget) at a time."""
+        spans = list(chunks(self.n, min(rows or self.plan.chunk_size, self.plan.chunk_size)))
         for sl in progress(spans, total=len(spans), desc="training gradients", enabled=self.show_progress):
             t = self.plan.compute(sl, checkpoints=[checkpoint])
             yield sl, {k: t[f"{k}/{checkpoint}"] for k in keys}

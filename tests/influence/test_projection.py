@@ -153,3 +153,30 @@ def test_kronecker_features_equal_projected_loop_gradients():
     model = cases[0][0]
     with assert_model_unchanged(model), pytest.raises(ValueError, match="scalar"):
         gs.influence.features(model, bad_loss, (cases[0][1], y), proj_dim=12, projection="kronecker")
+
+
+class PositionNet(torch.nn.Module):
+    """Token + position embeddings (positions indexed by a (1, T) tensor, broadcast over the batch) -> linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(9, 3)
+        self.pos = torch.nn.Embedding(4, 3)
+        self.fc = torch.nn.Linear(3, 2)
+
+    def forward(self, t):
+        h = self.tok(t) + self.pos(torch.arange(t.shape[1])[None])
+        return self.fc(torch.tanh(h).mean(1))
+
+
+def test_layers_shared_by_the_batch_are_left_out_or_refused():
+    torch.manual_seed(0)
+    model = PositionNet().double().eval()
+    t = torch.randint(0, 9, (5, 4))
+    y = torch.randint(0, 2, (5,))
+    f = gs.influence.features(model, CE, (t, y), proj_dim=8, projection="kronecker")
+    assert f.meta["excluded_layers"] == ["pos"] and "pos.weight" not in f.meta["params"]
+    factors = gs.influence.fit_factors(model, CE, (t, y))
+    assert "pos" not in factors.layers and factors.meta["excluded_layers"] == ["pos"]
+    with pytest.raises(ValueError, match="shared by all examples"):
+        gs.influence.features(model, CE, (t, y), proj_dim=8, projection="kronecker", params=["pos", "fc"])

@@ -23,7 +23,7 @@ do not matter. The batch loss must be the mean of per-example losses and the mod
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "check_mean_loss",
     "find_layers",
     "layer_io",
+    "shared_layers",
 ]
 
 LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Embedding)
@@ -122,7 +123,8 @@ def _check_supported(name: str, m: nn.Module) -> None:
                          "with params=....")
 
 
-def find_layers(model: nn.Module, params: ParamSpec = None, *, strict: bool = False) -> dict[str, Layer]:
+def find_layers(model: nn.Module, params: ParamSpec = None, *, strict: bool = False,
+                exclude: Sequence[str] = ()) -> dict[str, Layer]:
     """The Linear, Conv2d and Embedding layers whose weight is among the selected parameters.
 
     Args:
@@ -130,6 +132,7 @@ def find_layers(model: nn.Module, params: ParamSpec = None, *, strict: bool = Fa
         params: Which parameters (see :data:`~gradsense.core.functional.ParamSpec`); a selected bias whose
             weight is not selected is ignored.
         strict: Raise if a selected parameter belongs to no supported layer (else it is skipped).
+        exclude: Module names to leave out (e.g. from :func:`shared_layers`).
 
     Returns:
         ``{module name: Layer}`` in model order.
@@ -143,7 +146,7 @@ def find_layers(model: nn.Module, params: ParamSpec = None, *, strict: bool = Fa
     out: dict[str, Layer] = {}
     covered: set[str] = set()
     for name, m in model.named_modules():
-        if not isinstance(m, LAYER_TYPES):
+        if not isinstance(m, LAYER_TYPES) or name in exclude:
             continue
         prefix = f"{name}." if name else ""
         wname = f"{prefix}weight"
@@ -293,6 +296,11 @@ def layer_io(
     per: dict[str, list[Tensor]] = {k: [] for k in layers}
     for (k, t), g in zip(live, grads):
         per[k].append(_flatten_grad(layers[k], torch.zeros_like(t) if g is None else g))
+    shared = [k for k, v in ins.items() if any(t.shape[0] != n for t in v)]
+    if shared:
+        raise ValueError(f"layers {shared[:4]} see inputs shared by all examples (e.g. position embeddings broadcast "
+                         "over the batch), so their per-example gradients cannot be separated; exclude them with "
+                         "params=.")
     missing = [k for k in layers if not ins[k]]
     if missing:
         raise ValueError(f"layers {missing[:4]} were not called by the model's forward; exclude them with params=.")
@@ -301,6 +309,39 @@ def layer_io(
         grads={k: torch.cat(v, dim=1).detach() for k, v in per.items()},
         output=_detach(out),
     )
+
+
+def shared_layers(fm: FunctionalModel, layers: dict[str, Layer], inputs: Any,
+                  forward: Callable[[FunctionalModel, Any], Any] | None = None) -> list[str]:
+    """Layers whose input is not one row per example (position embeddings indexed by a ``(1, T)`` tensor and
+    broadcast over the batch): their per-example gradients cannot be separated from a batched backward.
+
+    Runs one forward (no gradient) on ``inputs`` (at least two examples) with temporary hooks.
+
+    Returns:
+        Their names.
+    """
+    n = _batch_size(inputs)
+    found: list[str] = []
+    handles = []
+
+    def make(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            x = args[0] if args else None
+            if isinstance(x, Tensor) and (x.ndim == 0 or x.shape[0] != n) and name not in found:
+                found.append(name)
+
+        return hook
+
+    try:
+        for layer in layers.values():
+            handles.append(layer.module.register_forward_hook(make(layer.name)))
+        with torch.no_grad():
+            forward(fm, inputs) if forward is not None else fm(fm.params, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found
 
 
 def _detach(out: Any) -> Any:

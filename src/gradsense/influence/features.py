@@ -44,7 +44,7 @@ from gradsense.core.functional import (
     training_stochastic_layers,
 )
 from gradsense.core.grad import per_example_grads
-from gradsense.core.layergrads import Layer, LayerIO, check_mean_loss, find_layers, layer_io
+from gradsense.core.layergrads import Layer, LayerIO, check_mean_loss, find_layers, layer_io, shared_layers
 from gradsense.core.projection import KroneckerProjection, RandomProjection, split_dim
 from gradsense.core.ranges import check_ordered, take
 from gradsense.influence.checkpoints import Checkpoint, model_at, resolve_checkpoints
@@ -96,14 +96,16 @@ class FeatureMap:
         distribution: ``"rademacher"`` or ``"gaussian"``.
         layers_only: Restrict to Linear/Conv2d/Embedding layers (EK-FAC; implied by ``"kronecker"``).
         cache: Memory for keeping generated projection tiles.
+        exclude: Layers to leave out (see :func:`gradsense.core.layergrads.shared_layers`).
     """
 
     def __init__(self, model: nn.Module, params: ParamSpec, proj_dim: int | None, projection: Projection, seed: int,
-                 distribution: str = "rademacher", *, layers_only: bool = False, cache: int = 0) -> None:
+                 distribution: str = "rademacher", *, layers_only: bool = False, cache: int = 0,
+                 exclude: Sequence[str] = ()) -> None:
         self.projection = projection if proj_dim is not None else None
         self.layers: dict[str, Layer] = {}
         if projection == "kronecker" or layers_only:
-            self.layers = find_layers(model, params, strict=params is not None)
+            self.layers = find_layers(model, params, strict=params is not None, exclude=exclude)
             self.names = [p for layer in self.layers.values() for p in layer.params]
         else:
             self.names = list(select_parameters(model, params))
@@ -408,8 +410,13 @@ class FeaturePlan:
         if proj_dim is not None and projection == "dense":
             numel = sum(p.numel() for p in select_parameters(model, params).values())
             cache = min(proj_dim * numel * 4, budget // 2)
+        self.engine_layers = self.engine == "layers"
+        exclude: list[str] = []
+        if self.engine_layers and params is None:  # leave out layers shared by all examples (position embeddings)
+            exclude = shared_layers(functional(model), find_layers(model), x0)
         self.fmap = FeatureMap(model, params, proj_dim, projection, self.seed, distribution, layers_only=layers_only,
-                               cache=cache)
+                               cache=cache, exclude=exclude)
+        self.excluded = exclude
         if self.engine == "layers" and isinstance(x0, Tensor):
             check_mean_loss(functional(model), self.loss_used, x0, y0)
         if chunk_size is None and resumed is not None:
@@ -438,7 +445,8 @@ class FeaturePlan:
         self.meta = {"n": self.n, "dim": self.fmap.dim, "params": self.fmap.names, "numel": self.fmap.numel,
                      "projection": self.fmap.describe(), "target": target, "checkpoints": [c.label for c in self.ckpts],
                      "lrs": None if all(c.lr is None for c in self.ckpts) else [c.lr for c in self.ckpts],
-                     "layers_only": bool(layers_only or self.engine == "layers"), "engine": self.engine}
+                     "layers_only": bool(layers_only or self.engine == "layers"), "engine": self.engine,
+                     "excluded_layers": exclude}
 
     def compute(self, rows: slice, checkpoints: Sequence[int] | None = None) -> dict[str, Tensor]:
         """The rows ``rows`` of every output tensor (``features/c``, ``loss/c``, ``prob/c``, ``labels``)."""

@@ -41,7 +41,7 @@ from gradsense.core.batching import (
 )
 from gradsense.core.checks import check_positive_int, draw_seed
 from gradsense.core.functional import FunctionalModel, ParamSpec, functional, model_fingerprint
-from gradsense.core.layergrads import Layer, LayerIO, check_mean_loss, find_layers, layer_io
+from gradsense.core.layergrads import Layer, LayerIO, check_mean_loss, find_layers, layer_io, shared_layers
 from gradsense.core.ranges import take
 from gradsense.influence.features import check_labelled
 from gradsense.results.influence import CurvatureFactors
@@ -105,7 +105,8 @@ def fit_factors(
         loss_fn: ``(output, labels) -> scalar``, the mean of per-example losses.
         data: ``(inputs, labels)``, Dataset or DataLoader (no shuffling).
         params: Which layers: the Linear/Conv2d/Embedding layers whose weight is selected (default: all of them;
-            parameters of other layers, e.g. BatchNorm, are left out).
+            parameters of other layers, e.g. BatchNorm, are left out, and so are layers whose input is shared by all
+            examples, such as position embeddings; see ``meta["excluded_layers"]``).
         strategy: ``"ekfac"`` (eigenvalue-corrected, the default) or ``"kfac"``.
         fisher: ``"empirical"`` (the data's labels) or ``"sampled"`` (labels drawn from the model's softmax).
         seed: Seed of the sampled labels (``None``: drawn and recorded).
@@ -134,8 +135,9 @@ def fit_factors(
         raise ValueError(f"fisher must be 'empirical' or 'sampled', got {fisher!r}.")
     seed = draw_seed(seed)
     n, x0, y0 = check_labelled(model, loss_fn, data, "data")
-    layers = find_layers(model, params, strict=params is not None)
     fm = functional(model)
+    exclude = shared_layers(fm, find_layers(model), x0) if params is None else []
+    layers = find_layers(model, params, strict=params is not None, exclude=exclude)
     if isinstance(x0, Tensor):
         check_mean_loss(fm, loss_fn, x0, y0)
         if fisher == "sampled":
@@ -206,7 +208,7 @@ def fit_factors(
         tensors, method=strategy, settings={"strategy": strategy, "fisher": fisher, "chunk_size": chunk_size,
                                             "params": None if params is None else str(params)},
         model=model_fingerprint(model, name), seed=seed, wall_time_s=time.perf_counter() - t0,
-        layers=info, strategy=strategy, fisher=fisher, n_examples=n, tokens=tokens)
+        layers=info, strategy=strategy, fisher=fisher, n_examples=n, tokens=tokens, excluded_layers=exclude)
 
 
 def _io(fm: FunctionalModel, loss_fn: Callable[[Any, Any], Tensor], data: Any, sl: slice, layers: dict[str, Layer],

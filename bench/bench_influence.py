@@ -349,10 +349,20 @@ def minilm_section(args: argparse.Namespace) -> None:
                                   max_memory=args.max_memory, out=out, resume=True)
     reuse = time.perf_counter() - t1
     params = sum(p.numel() for p in model.parameters())
+    chunk = int(feats.meta["settings"]["chunk_size"])
+
+    def floor() -> None:  # the passes LoGra cannot avoid: one forward+backward of a chunk (no parameter grads kept)
+        out = model(ids[:chunk])
+        torch.autograd.grad(CE(out, labels[:chunk]), [p for p in model.parameters()])
+
+    per_chunk = median_time(floor, repeats=2, warmup=1)
+    floor_1000 = per_chunk * 1000 / chunk
     table(f"MiniLM features: {args.n} sequences x {args.seq_len} tokens, {params / 1e6:.1f}M parameters, "
           f"proj_dim {feats.dim} (Kronecker, {len(feats.meta['projection']['layers'])} layers), budget "
           f"{args.max_memory}", ["what", "value"],
           [["wall time", f"{sec:.1f} s ({1000 * sec / args.n:.1f} s per 1000 sequences)"],
+           ["floor: forward+backward", f"{floor_1000:.1f} s per 1000 sequences (ratio "
+                                       f"{1000 * sec / args.n / floor_1000:.2f}x)"],
            ["peak resident memory above start", f"{(peak - base) / 1024:.0f} MB (budget {args.max_memory})"],
            ["chunk / shard", f"{feats.meta['settings']['chunk_size']} / {feats.meta['settings']['shard_size']} "
                              "sequences"],

@@ -424,8 +424,11 @@ class FeaturePlan:
         if chunk_size is None:
             example = x0[:1] if isinstance(x0, Tensor) else x0
             per = estimate_example_bytes(model, example) if isinstance(example, Tensor) else 64 * 1024**2
-            grads = 2 * self.fmap.numel * p0.element_size()  # per-example gradients (and their flat copy)
-            per += grads + 4 * self.fmap.dim * p0.element_size()
+            if isinstance(self.fmap.proj, KroneckerProjection):
+                per *= 2  # recorded layer inputs and output gradients; no per-example gradient is formed
+            else:
+                per += 2 * self.fmap.numel * p0.element_size()  # per-example gradients (and their flat copy)
+            per += 4 * self.fmap.dim * p0.element_size()
             chunk_size = chunk_size_for(per, max_memory=max(budget - cache, 1), total=self.n)
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
         if shard_size is None:

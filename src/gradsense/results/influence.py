@@ -526,6 +526,8 @@ class SelectionResult(Result):
         ax.axvline(float(self.scores[self.selected].min()), color="#c0392b", label="selection threshold")
         ax.set_xlabel("cosine with the target gradients")
         ax.set_ylabel("pool examples")
+        ax.set_title(kwargs.get("title", f"Pool examples by alignment with the target: {self.selected.numel()} "
+                                         "selected (right of the line)"), fontsize=9)
         ax.legend(fontsize=8)
         return fig
 
@@ -759,5 +761,7 @@ class LDSResult(Result):
         ax.hist(self.tensors["per_query"].double().numpy(), bins=20, range=(-1, 1), color="#4c72b0")
         ax.axvline(self.value, color="#c0392b", label=f"LDS {self.value:.3f}")
         ax.set_xlabel("Spearman correlation per query")
+        ax.set_ylabel("queries")
+        ax.set_title(kwargs.get("title", f"LDS of {self.method}: {self.value:.3f} +- {self.stderr:.3f}"), fontsize=9)
         ax.legend(fontsize=8)
         return fig

@@ -3,7 +3,7 @@
 Run (the full sizes of issue 13; every section prints its own table):
 
     python bench/bench_influence.py lds --model logreg --subsets 100 --queries 100
-    python bench/bench_influence.py lds --model cnn --subsets 100 --queries 100 --epochs 20
+    python bench/bench_influence.py lds --model cnn --subsets 100 --queries 100 --epochs 20 [--with-cg]
     python bench/bench_influence.py mislabel --model logreg
     python bench/bench_influence.py mislabel --model cnn --epochs 20
     python bench/bench_influence.py cost --n-train 1000 --n-query 100
@@ -110,7 +110,7 @@ def make_train_fn(kind: str, x: torch.Tensor, y: torch.Tensor, epochs: int) -> A
 
 
 # ------------------------------------------------------------------------------------------------ methods
-def our_methods(kind: str) -> dict[str, dict[str, Any]]:
+def our_methods(kind: str, with_cg: bool = False) -> dict[str, dict[str, Any]]:
     if kind == "logreg":
         return {
             "grad_dot": {"method": "grad_dot"},
@@ -121,16 +121,18 @@ def our_methods(kind: str) -> dict[str, dict[str, Any]]:
             "ekfac (heuristic lambda)": {"method": "ekfac"},
             "trak (no projection)": {"method": "trak"},
         }
-    return {
+    out = {
         "grad_dot": {"method": "grad_dot"},
         "grad_cos": {"method": "grad_cos"},
         "ekfac (heuristic lambda)": {"method": "ekfac"},
         "trak (proj 2048)": {"method": "trak", "proj_dim": 2048},
-        "influence (CG 30 it., GGN)": {"method": "influence", "curvature": "ggn", "solver": "cg", "maxiter": 30},
     }
+    if with_cg:  # one pass over the training set per query per iteration: ~20 min for 50 queries on 2 cores
+        out["influence (CG 30 it., GGN)"] = {"method": "influence", "curvature": "ggn", "solver": "cg", "maxiter": 30}
+    return out
 
 
-def peer_methods(kind: str) -> dict[str, Any]:
+def peer_methods(kind: str, with_cg: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         import kronfluence  # noqa: F401
@@ -146,8 +148,9 @@ def peer_methods(kind: str) -> dict[str, Any]:
         from peer_harness import dattri_scores
 
         out["dattri grad-dot (TracIn, 1 ckpt)"] = lambda m, tr, q: dattri_scores(m, tr, q, method="tracin")
-        out["dattri IF-CG (10 it.)"] = lambda m, tr, q: dattri_scores(m, tr, q, method="cg",
-                                                                       regularization=WD if kind == "logreg" else 1e-3)
+        if kind == "logreg" or with_cg:
+            out["dattri IF-CG (10 it.)"] = lambda m, tr, q: dattri_scores(
+                m, tr, q, method="cg", regularization=WD if kind == "logreg" else 1e-3)
         if kind == "logreg":
             out["dattri IF-explicit"] = lambda m, tr, q: dattri_scores(m, tr, q, method="explicit", regularization=WD)
         out["dattri TRAK (proj 512)"] = lambda m, tr, q: dattri_scores(m, tr, q, method="trak", proj_dim=512)
@@ -176,7 +179,7 @@ def lds_section(args: argparse.Namespace) -> None:
                                  show_progress=True)
     t_truth = time.perf_counter() - t0
     rows = []
-    for name, opts in our_methods(args.model).items():
+    for name, opts in our_methods(args.model, args.with_cg).items():
         t0 = time.perf_counter()
         res = gs.influence.scores(model, CE, (x, y), (xq, yq), **opts)
         sec = time.perf_counter() - t0
@@ -184,7 +187,7 @@ def lds_section(args: argparse.Namespace) -> None:
         rows.append([f"gradsense {name}", f"{lds.value:.3f} +- {lds.stderr:.3f}", f"{sec:.1f}"])
         print(rows[-1], flush=True)
     if not args.no_peers:
-        for name, fn in peer_methods(args.model).items():
+        for name, fn in peer_methods(args.model, args.with_cg).items():
             t0 = time.perf_counter()
             try:
                 s = fn(model, (x, y), (xq, yq))
@@ -380,6 +383,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--truth", default=None, help="folder for the retrained ground truth (resumable)")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--with-cg", action="store_true", help="also CG influence on the CNN (slow)")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-query", type=int, default=100)
     parser.add_argument("--method", default=None)

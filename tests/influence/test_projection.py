@@ -119,11 +119,11 @@ def test_memory_budget_sets_the_chunks():
 def test_kronecker_features_equal_projected_loop_gradients():
     """LoGra features from layer inputs/output gradients == P_out G P_in^T of per-example loop gradients,
     for Linear, Conv2d and Embedding layers; the model is untouched and no hook survives (also on error)."""
-    from helpers import assert_model_unchanged
     from test_kfac import ConvNet, EmbedNet
 
     from gradsense.core.layergrads import find_layers
     from gradsense.influence import FeatureMap
+    from helpers import assert_model_unchanged
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -26,7 +26,8 @@ def test_results_round_trip_and_plot(tmp_path):
         rows = dict(back.summary())
         assert rows, type(res).__name__
         fig = back.plot()
-        assert fig.axes and fig.axes[0].get_title() or fig._suptitle is not None
+        titled = bool(fig.axes) and bool(fig.axes[0].get_title())
+        assert titled or fig._suptitle is not None, type(res).__name__
     summary = dict(inf.summary())
     assert summary["sign"].startswith("positive = proponent")
     assert "score / n" in summary["scale"] and "solver" in summary

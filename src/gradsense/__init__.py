@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; a name whose module is itself is a subpackage
 _SUBMODULES = (
-    "attribution", "core", "curvature", "evaluation", "importance", "io", "landscape", "losses", "results",
+    "attribution", "core", "curvature", "evaluation", "importance", "influence", "io", "landscape", "losses", "results",
     "targets", "viz", "zoo",
 )
 _FUNCTIONS = {
@@ -39,6 +39,7 @@ _FUNCTIONS = {
     "interpolate": "gradsense.landscape",
     "loss_surface": "gradsense.landscape",
     "sharpness": "gradsense.landscape",
+    "gradient_alignment": "gradsense.influence",
     "load_model": "gradsense.io",
     "load_data": "gradsense.io",
     "AttributionResult": "gradsense.results",
@@ -57,9 +58,11 @@ __all__ = [
     "evaluate",
     "evaluation",
     "global_sensitivity",
+    "gradient_alignment",
     "hessian_eigs",
     "hessian_trace",
     "importance",
+    "influence",
     "interpolate",
     "io",
     "landscape",
@@ -82,6 +85,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
         curvature,
         evaluation,
         importance,
+        influence,
         io,
         landscape,
         losses,
@@ -93,6 +97,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
     from gradsense.attribution import attribute, attribute_tokens
     from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
     from gradsense.evaluation import evaluate, global_sensitivity
+    from gradsense.influence import gradient_alignment
     from gradsense.io import load_data, load_model
     from gradsense.landscape import interpolate, loss_surface, sharpness
     from gradsense.results import AttributionResult, Result

@@ -12,6 +12,7 @@ from gradsense.cli.doctor import doctor_cmd
 from gradsense.cli.evaluate import evaluate_cmd
 from gradsense.cli.hessian import hessian_cmd
 from gradsense.cli.importance import importance_cmd
+from gradsense.cli.influence import influence_cmd
 from gradsense.cli.landscape import landscape_cmd
 
 EPILOG = """\b
@@ -26,6 +27,8 @@ Examples:
   gradsense importance --model zoo:digits-cnn --data zoo:digits \\
       --method taylor --sparsity 0.5 --out runs/imp
   gradsense landscape --model my.py:build --weights ckpt.pt --data val.npz
+  gradsense influence --model zoo:digits-cnn --train digits:train \\
+      --query "digits:test[:4]" --method ekfac
 \b
 Models: zoo:NAME, path/file.py:factory, package.module:factory, hf:DIR.
 Data: zoo:NAME, .npy/.npz/.safetensors/.pt, .csv, image folders, .txt/.jsonl.
@@ -49,6 +52,7 @@ cli.add_command(attribute_cmd)
 cli.add_command(evaluate_cmd)
 cli.add_command(hessian_cmd)
 cli.add_command(importance_cmd)
+cli.add_command(influence_cmd)
 cli.add_command(landscape_cmd)
 
 

@@ -75,7 +75,7 @@ def _table(res: Any, k: int, queries: int) -> None:
     console.print(table)
 
 
-@click.command("influence")
+@click.command("influence", short_help="Which training examples help or hurt each prediction.")
 @model_option
 @click.option("--train", "train_spec", required=True, metavar="DATA",
               help="training data: zoo dataset (digits, digits:train[:500]) or .safetensors/.npz with inputs, labels.")

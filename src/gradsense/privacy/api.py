@@ -204,16 +204,17 @@ def reconstruct(
             knows them; ``"joint"``: optimised with the inputs (``"dlg"`` only, as in Zhu et al. 2019).
         batch_size: Number of examples behind ``shared``.
         input_shape: Shape of one input (default: ``model.input_shape``, or the zoo dataset's for zoo models).
-        bounds: ``(lo, hi)`` of valid input values: candidates are kept inside (inverting; DLG only projects when
-            given) and random starts drawn in it. Zoo models default to their data's range.
+        bounds: ``(lo, hi)`` of valid input values. Inverting keeps its candidates inside after every step and
+            starts uniformly inside; every attack's final reconstruction is clipped to it. DLG optimises without
+            constraints, as in the paper. Zoo models default to their data's range.
         steps: Iterations (Adam steps for inverting, L-BFGS iterations for DLG); default per attack.
         restarts: Independent random starts; the lowest objective wins (inverting: batched with ``vmap``).
         lr: Step size (default 0.1 inverting, 1.0 DLG).
         tv: Total-variation weight (default 0.01 inverting, 0 DLG).
         distance: ``"cosine"`` or ``"l2"`` (default per attack).
         signed: Inverting: step on the gradient's sign.
-        init: ``"randn"``, ``"rand"`` (uniform in ``bounds``) or ``"zeros"``; default ``"rand"`` with bounds,
-            else ``"randn"``.
+        init: ``"randn"``, ``"rand"`` (uniform in ``bounds``) or ``"zeros"``; default ``"randn"`` for DLG (as the
+            paper), ``"rand"`` for inverting when ``bounds`` are known.
         label_method: ``"auto"``, ``"idlg"``, ``"count"`` or ``"llg"`` (see :mod:`gradsense.privacy.labels`).
         layer: The classifier layer (label recovery) or the first Linear layer (analytic attack), by name.
         params: Which parameters the client shares (default: every trainable one).
@@ -229,7 +230,8 @@ def reconstruct(
     Returns:
         A :class:`~gradsense.results.ReconstructionResult`: ``.inputs`` (``None`` for ``"idlg"``), ``.labels``,
         ``.loss_trace``, ``.n_evaluations`` (forward passes of the model on a candidate batch, each with its
-        double backward), ``.relative_mismatch`` (``||g(x_hat) - g|| / ||g||``) and, with ``truth``, the scores.
+        double backward), ``.relative_mismatch`` (``||g(x_hat) - g|| / ||g||``), ``meta["cosine_distance"]``
+        (``1 - cos(g(x_hat), g)``) and, with ``truth``, the scores.
 
     Raises:
         TypeError, ValueError: Bad arguments or a ``shared`` that does not fit the model, before any work.
@@ -273,7 +275,8 @@ def reconstruct(
     lr = spec.get("lr", 0.0) if lr is None else float(lr)
     tv = spec.get("tv", 0.0) if tv is None else float(tv)
     distance = spec.get("distance", "cosine") if distance is None else distance
-    init = ("rand" if bounds is not None else "randn") if init is None else init
+    if init is None:
+        init = "rand" if (attack == "inverting" and bounds is not None) else "randn"
     if init not in ("randn", "rand", "zeros"):
         raise ValueError(f"init must be 'randn', 'rand' or 'zeros', got {init!r}.")
     truth_pair = _check_truth(truth, batch_size, shape)
@@ -342,7 +345,7 @@ def reconstruct(
                     y0 = rec_labels
                 tiny = (torch.finfo(dtype).eps * 1e-2) ** 2 * matcher.target_sq if distance == "l2" else None
                 best_x, best_y, best_v, trace = run_dlg(matcher, x0, y0, steps=steps, lr=lr, max_iter=max_iter,
-                                                        line_search=line_search, bounds=bounds, stop_mismatch=tiny,
+                                                        line_search=line_search, stop_mismatch=tiny,
                                                         show_progress=show_progress)
             evaluations += matcher.evaluations
             r = int(torch.argmin(torch.nan_to_num(best_v, nan=math.inf)))
@@ -351,8 +354,10 @@ def reconstruct(
                 tensors["label_logits"] = best_y[r]
                 rec_labels = best_y[r].argmax(dim=-1)
                 label_source = "joint optimisation (argmax of the optimised soft labels)"
-            mismatch = matcher.relative_mismatch(inputs, best_y[r] if joint else rec_labels)
-            extra["relative_mismatch"] = mismatch
+            mismatch, cosine = matcher.mismatch(inputs, best_y[r] if joint else rec_labels)
+            extra["relative_mismatch"], extra["cosine_distance"] = mismatch, cosine
+            if bounds is not None:  # the attacker knows the valid range: report the reconstruction inside it
+                inputs = inputs.clamp(*bounds)
             extra["objective"] = float(best_v[r])
             extra["restart_chosen"] = r
             tensors["restart_values"] = best_v

@@ -8,7 +8,7 @@ dimension: R restarts cost one batched call per step rather than R calls.
 
 - ``"dlg"`` (Zhu et al. 2019, Deep Leakage from Gradients): squared L2 distance ``sum_p ||g_p - t_p||^2``,
   L-BFGS (lr 1, up to ``max_iter`` objective evaluations per iteration, history 100, strong-Wolfe line search
-  unless ``line_search=None`` as in the paper's code), inputs initialised from ``randn``; with
+  unless ``line_search=None`` as in the paper's code), inputs initialised from ``randn`` and unconstrained; with
   ``labels="joint"`` the labels are optimised too, as softmax logits (the paper's setting).
 - ``"inverting"`` (Geiping et al. 2020, Inverting Gradients): ``1 - cos(g, t)`` over all shared parameters
   jointly plus ``tv`` times the total variation (mean absolute difference of neighbouring pixels along
@@ -77,7 +77,8 @@ class GradientMatcher:
         self.evaluations = 0
         argnums = (0, 1) if joint_labels else 0
         in_dims = (0, 0 if joint_labels else None, 0 if batch_buffers else None)
-        self._batched = vmap(grad_and_value(self._objective, argnums=argnums), in_dims=in_dims, randomness=randomness)
+        self._single = grad_and_value(self._objective, argnums=argnums)
+        self._batched = vmap(self._single, in_dims=in_dims, randomness=randomness)
         self._values = vmap(self._objective, in_dims=in_dims, randomness=randomness)
 
     # ------------------------------------------------------------------ the client, replayed on dummy data
@@ -118,8 +119,15 @@ class GradientMatcher:
 
     def value_and_grad(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Objective values ``(R,)`` and gradients w.r.t. ``x`` ``(R, B, ...)`` (and the label logits)."""
-        grads, values = self._batched(x, y, self.restart_buffers(x.shape[0]))
         self.evaluations += x.shape[0]
+        if x.shape[0] == 1:  # one restart: the same function without the vmap layer (faster on CPU)
+            y1 = y[0] if self.joint else y
+            buffers = {n: b[0] for n, b in self.restart_buffers(1).items()} if self.batch_buffers else self.buffers
+            grads, value = self._single(x[0], y1, buffers)
+            values = value.unsqueeze(0)
+            grads = tuple(g.unsqueeze(0) for g in grads) if self.joint else grads.unsqueeze(0)
+        else:
+            grads, values = self._batched(x, y, self.restart_buffers(x.shape[0]))
         if self.joint:
             return values, grads[0], grads[1]
         return values, grads, None
@@ -129,12 +137,16 @@ class GradientMatcher:
         self.evaluations += x.shape[0]
         return self._values(x, y, self.restart_buffers(x.shape[0])).detach()
 
-    def relative_mismatch(self, x: Tensor, y: Tensor) -> float:
-        """``||g(x) - t|| / ||t||`` for one candidate batch ``x`` (B, ...)."""
+    def mismatch(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        """``(||g(x) - t|| / ||t||, 1 - cos(g(x), t))`` for one candidate batch ``x`` (B, ...), not counted
+        as an evaluation (a diagnostic, not part of the attack)."""
         g = self.client_message(x, y, {n: b.clone() for n, b in self.buffers.items()})
-        self.evaluations += 1
+        tiny = torch.finfo(torch.float64).tiny
         diff = sum((g[n].double() - self.target[n].double()).pow(2).sum() for n in g).item()
-        return math.sqrt(diff / max(self.target_sq, torch.finfo(torch.float64).tiny))
+        dot = sum((g[n].double() * self.target[n].double()).sum() for n in g).item()
+        gsq = sum(g[n].double().pow(2).sum() for n in g).item()
+        return (math.sqrt(diff / max(self.target_sq, tiny)),
+                1.0 - dot / max(math.sqrt(gsq * self.target_sq), tiny))
 
 
 def _clamp(x: Tensor, bounds: tuple[float, float] | None) -> None:
@@ -192,8 +204,7 @@ def run_inverting(matcher: GradientMatcher, x0: Tensor, labels: Tensor, *, steps
 
 
 def run_dlg(matcher: GradientMatcher, x0: Tensor, y0: Tensor, *, steps: int, lr: float = 1.0, max_iter: int = 20,
-            history_size: int = 100, line_search: str | None = "strong_wolfe",
-            bounds: tuple[float, float] | None = None, stop_mismatch: float | None = None,
+            history_size: int = 100, line_search: str | None = "strong_wolfe", stop_mismatch: float | None = None,
             show_progress: bool | None = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Deep Leakage from Gradients: L-BFGS on the inputs (and label logits when joint), one restart at a time.
 
@@ -203,7 +214,6 @@ def run_dlg(matcher: GradientMatcher, x0: Tensor, y0: Tensor, *, steps: int, lr:
         y0: ``(B,)`` labels, or ``(R, B, C)`` initial label logits when the matcher is joint.
         steps: L-BFGS iterations per restart (each runs up to ``max_iter`` objective evaluations).
         lr, max_iter, history_size, line_search: ``torch.optim.LBFGS`` settings.
-        bounds: Project candidates into ``(lo, hi)`` after every iteration (``None``: unconstrained, as DLG).
         stop_mismatch: Stop a restart once the objective falls below this value.
         show_progress: Progress bar.
 
@@ -221,7 +231,6 @@ def run_dlg(matcher: GradientMatcher, x0: Tensor, y0: Tensor, *, steps: int, lr:
     for r in range(restarts):
         x = x0[r : r + 1].detach().clone().requires_grad_(True)
         y = (y0[r : r + 1].detach().clone().requires_grad_(True) if matcher.joint else y0)
-        _clamp(x, bounds)
         params = [x, y] if matcher.joint else [x]
         opt = torch.optim.LBFGS(params, lr=lr, max_iter=max_iter, history_size=history_size,
                                 line_search_fn=line_search, tolerance_grad=0.0, tolerance_change=0.0)
@@ -243,7 +252,6 @@ def run_dlg(matcher: GradientMatcher, x0: Tensor, y0: Tensor, *, steps: int, lr:
                 best_v[r], best_x[r] = v0, before_x
                 if matcher.joint:
                     best_y[r] = before_y
-            _clamp(x, bounds)
             if not math.isfinite(v0) or (stop_mismatch is not None and v0 <= stop_mismatch):
                 break
         v = float(matcher.values(x.detach(), y.detach() if matcher.joint else y)[0])

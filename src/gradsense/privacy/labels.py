@@ -24,6 +24,7 @@ For a weight update after local steps, ``-delta / (lr * local_steps)`` stands in
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -112,11 +113,11 @@ def _probe_statistics(model: nn.Module, weight: str, probes: Tensor, logits_of: 
     """
     theta = {n: p.detach() for n, p in model.named_parameters()}
 
-    def total_logit(w: Tensor) -> tuple[Tensor, Tensor]:
-        z = logits_of(functional_call(model, {**theta, **buffers, weight: w}, (probes,)))
+    def total_logit(w: Tensor, b: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        z = logits_of(functional_call(model, {**theta, **b, weight: w}, (probes,)))
         return z.sum(dim=1).mean(), z
 
-    gw, z = grad(total_logit, has_aux=True)(theta[weight])
+    gw, z = grad(total_logit, has_aux=True)(theta[weight], buffers)
     return torch.softmax(z.detach().double(), dim=1).mean(dim=0), gw[0].detach().double().sum()
 
 
@@ -163,7 +164,12 @@ def recover_labels(
         if batch_size != 1:
             raise ValueError(f"iDLG's sign rule recovers the label of one example; the batch has {batch_size}. "
                              "Use method='count' or 'llg' for batches.")
-        return torch.atleast_1d((gb if gb is not None else rows).argmin()).cpu()
+        rule = gb if gb is not None else rows
+        if not bool((rule != 0).any()):
+            warnings.warn("label recovery: the classifier layer's gradient is zero (dead features or a perfect "
+                          "prediction), so the label is not identifiable; class 0 is returned.", UserWarning,
+                          stacklevel=2)
+        return torch.atleast_1d(rule.argmin()).cpu()
     if method == "llg":
         g = rows.clone().cpu()
         impact = g.clamp(max=0).sum() * (1 + 1 / num_classes) / batch_size

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
-from gradsense.core.checks import check_positive_int
+from gradsense.core.checks import check_positive_int, explain_model_errors
 from gradsense.core.functional import ParamSpec, check_model, select_parameters
 
 __all__ = ["Shared", "WeightUpdate", "as_shared", "client_gradient", "client_update", "local_batches"]
@@ -204,11 +204,12 @@ def client_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, labels: T
     names = list(_expected(model, params))
     theta, buffers = _state(model)
 
-    def loss_of(p: dict[str, Tensor]) -> Tensor:
-        out = functional_call(model, {**theta, **buffers, **p}, (inputs,))
+    def loss_of(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:  # buffers are an argument: BN may update them
+        out = functional_call(model, {**theta, **b, **p}, (inputs,))
         return loss_fn(out, labels)
 
-    g = grad(loss_of)({n: theta[n] for n in names})
+    with explain_model_errors(inputs, "client_gradient", model):
+        g = grad(loss_of)({n: theta[n] for n in names}, buffers)
     return {n: g[n].detach() for n in names}
 
 
@@ -246,11 +247,12 @@ def client_update(model: nn.Module, loss_fn: LossFn, inputs: Tensor, labels: Ten
     theta, buffers = _state(model)
     current = {n: theta[n] for n in names}
     for idx in local_batches(inputs.shape[0], local_steps, batch_size):
-        def loss_of(p: dict[str, Tensor], idx: Tensor = idx) -> Tensor:
-            out = functional_call(model, {**theta, **buffers, **p}, (inputs[idx],))
+        def loss_of(p: dict[str, Tensor], b: dict[str, Tensor], idx: Tensor = idx) -> Tensor:
+            out = functional_call(model, {**theta, **b, **p}, (inputs[idx],))
             return loss_fn(out, labels[idx])
 
-        g = grad(loss_of)(current)
+        with explain_model_errors(inputs, "client_update", model):
+            g = grad(loss_of)(current, buffers)
         current = {n: current[n] - lr * g[n] for n in names}
     delta = {n: (current[n] - theta[n]).detach() for n in names}
     return WeightUpdate(delta=delta, local_steps=local_steps, lr=float(lr), batch_size=batch_size)

@@ -6,6 +6,7 @@ import click
 
 from gradsense import __version__
 from gradsense.cli.attribute import attribute_cmd
+from gradsense.cli.audit import audit_cmd
 from gradsense.cli.demo import demo_cmd
 from gradsense.cli.doctor import doctor_cmd
 from gradsense.cli.evaluate import evaluate_cmd
@@ -23,6 +24,7 @@ Examples:
   gradsense hessian --model zoo:digits-cnn --dataset digits --per layer --out runs/hessian
   gradsense importance --model zoo:digits-cnn --dataset digits --method taylor --sparsity 0.5 --out runs/imp
   gradsense landscape --model zoo:digits-cnn --dataset digits --steps 21 --out runs/landscape
+  gradsense audit --model zoo:photos-lenet --data photos --out runs/audit
 """
 
 
@@ -42,6 +44,7 @@ cli.add_command(evaluate_cmd)
 cli.add_command(hessian_cmd)
 cli.add_command(importance_cmd)
 cli.add_command(landscape_cmd)
+cli.add_command(audit_cmd)
 
 
 def main() -> None:

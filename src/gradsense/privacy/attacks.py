@@ -135,6 +135,9 @@ class GradientMatcher:
     def values(self, x: Tensor, y: Tensor) -> Tensor:
         """Objective values ``(R,)`` (no gradient)."""
         self.evaluations += x.shape[0]
+        if x.shape[0] == 1:
+            buffers = {n: b[0] for n, b in self.restart_buffers(1).items()} if self.batch_buffers else self.buffers
+            return self._objective(x[0], y[0] if self.joint else y, buffers).detach().unsqueeze(0)
         return self._values(x, y, self.restart_buffers(x.shape[0])).detach()
 
     def mismatch(self, x: Tensor, y: Tensor) -> tuple[float, float]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from gradsense.results.base import Result
 
-__all__ = ["AuditResult", "ReconstructionResult"]
+__all__ = ["AuditResult", "ReconstructionResult", "image_rows"]
 
 
 def _fmt(x: Any, digits: int = 3, pct: bool = False) -> str:
@@ -56,8 +56,8 @@ def _show(ax: Any, img: Tensor, bounds: tuple[float, float]) -> None:
     ax.set_yticks([])
 
 
-def _image_rows(rows: list[tuple[str, Tensor, list[str]]], bounds: tuple[float, float], title: str) -> Any:
-    """A grid: one row per (label, images (N, ...), captions)."""
+def image_rows(rows: list[tuple[str, Tensor, list[str]]], bounds: tuple[float, float], title: str) -> Any:
+    """A figure with one row of images per ``(row label, images (N, ...), captions)``, shown in ``bounds``."""
     from matplotlib.figure import Figure
 
     ncols = max(r[1].shape[0] for r in rows)
@@ -186,7 +186,7 @@ class ReconstructionResult(Result):
             labels = self.labels
             rows.append((self.method, rec[:n], [f"label {int(labels[i])}" if labels is not None and i < labels.numel()
                                                  else "" for i in range(n)]))
-        return _image_rows(rows, tuple(bounds), f"{self.method}: {self.n_evaluations} model evaluations")
+        return image_rows(rows, tuple(bounds), f"{self.method}: {self.n_evaluations} model evaluations")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -321,7 +321,7 @@ class AuditResult(Result):
             if key in self.tensors:
                 ps = self.tensors[f"psnr/{attack}/{di}/b{b}"]
                 rows.append((label, self.tensors[key][:max_items], [f"{_db(float(v))} dB" for v in ps[:max_items]]))
-        return _image_rows(rows, bounds, f"{attack}, batch of {b}: originals and reconstructions per defence")
+        return image_rows(rows, bounds, f"{attack}, batch of {b}: originals and reconstructions per defence")
 
     def _plot_tradeoff(self, attack: str | None) -> Any:
         from matplotlib.figure import Figure

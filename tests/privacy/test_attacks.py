@@ -75,7 +75,8 @@ def test_same_seed_same_reconstruction(one):
 
 
 def test_batched_restarts_equal_separate_runs(one):
-    """Restarts are a vmap dimension: three restarts at once equal three single runs from the same starts."""
+    """Restarts are a vmap dimension (torch.func): three restarts at once equal three single runs from the same
+    starts (the autograd path)."""
     model, _, y, g = one
     matcher = GradientMatcher(model, CE, as_shared(model, g), distance="cosine", tv=1e-3)
     x0 = torch.rand(3, 1, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -86,15 +87,19 @@ def test_batched_restarts_equal_separate_runs(one):
         torch.testing.assert_close(trace[:, r], t[:, 0], rtol=1e-9, atol=1e-14)
 
 
+@pytest.mark.parametrize("path", ["torch.func", "autograd"])
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
-def test_objective_gradient_equals_finite_differences(one, distance):
-    """The double backward (gradient of the gradient-matching loss w.r.t. the inputs) against central differences."""
+def test_objective_gradient_equals_finite_differences(one, distance, path):
+    """The double backward (gradient of the gradient-matching loss w.r.t. the inputs) against central differences,
+    for both the transform path (vmapped restarts) and the autograd path (one restart)."""
     model, _, y, g = one
-    matcher = GradientMatcher(model, CE, as_shared(model, g), distance=distance)
+    matcher = GradientMatcher(model, CE, as_shared(model, g), distance=distance, tv=0.0)
     z = images(1, seed=5)
-    grad_x, _ = matcher._single(z, y, matcher.buffers)
+    single = matcher._single if path == "torch.func" else matcher._single_autograd
+    grad_x, value = single(z, y, matcher.buffers)
     fd = finite_difference_grad(lambda v: matcher._objective(v, y, matcher.buffers), z)
     torch.testing.assert_close(grad_x, fd, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(value, matcher._objective(z, y, matcher.buffers))
 
 
 def _replay_mismatch(model, shared, x, y):

@@ -13,7 +13,14 @@ from oracles import per_example_loop_grads
 from privacy_cases import images, relu_mlp, sigmoid_cnn
 
 import gradsense as gs
-from gradsense.privacy.defenses import clip_and_noise, dp_epsilon, parse_defense, prune_gradient, quantize_gradient
+from gradsense.privacy.defenses import (
+    RDP_ORDERS,
+    clip_and_noise,
+    dp_epsilon,
+    parse_defense,
+    prune_gradient,
+    quantize_gradient,
+)
 
 CE = gs.losses.cross_entropy
 
@@ -118,12 +125,10 @@ def test_local_steps_equal_plain_sgd():
 def test_epsilon_of_one_full_batch_release_matches_the_closed_form():
     """q = 1, one step: RDP of the Gaussian mechanism is alpha / (2 sigma^2); converted with
     eps = rdp + log((alpha - 1) / alpha) - (log delta + log alpha) / (alpha - 1) (Balle et al. 2020), minimised
-    over Opacus' orders."""
+    over the same orders."""
     pytest.importorskip("opacus")
-    from opacus.accountants.rdp import RDPAccountant
-
     sigma, delta = 1.3, 1e-5
-    orders = RDPAccountant.DEFAULT_ALPHAS
+    orders = RDP_ORDERS
     closed = min(a / (2 * sigma**2) + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
                  for a in orders if a > 1)
     eps, accountant = dp_epsilon(sigma, 1.0, 1, delta)

@@ -60,6 +60,10 @@ ATTACKS: dict[str, AttackSpec] = {
                            "Phong et al. 2017; Geiping et al. 2020 Prop. 3.1; Fowl et al. 2022", {}),
 }
 
+#: The audit's budgets where ``attack_options`` says nothing: one attack of each kind per cell must stay cheap,
+#: since an audit runs attacks x defences x batch sizes of them.
+AUDIT_BUDGETS: dict[str, dict[str, Any]] = {"inverting": {"steps": 300}, "dlg": {"steps": 20}}
+
 ASSUMPTIONS = {
     "bn_eval": "BatchNorm in eval mode: running statistics, identical for the client and the attacker.",
     "bn_train": "BatchNorm in train mode: the statistics of the batch, which the attacker's dummy batch reproduces "
@@ -221,7 +225,8 @@ def reconstruct(
         dropout: ``"expected"`` or ``"sample"``: how the attacker treats train-mode dropout.
         line_search: DLG's L-BFGS line search (``None``: fixed step, as the paper's code).
         max_iter: DLG: objective evaluations per L-BFGS iteration at most.
-        probes: Random inputs on which the ``"count"`` label method estimates the mean prediction.
+        probes: Random inputs (uniform in ``bounds``, else standard normal) on which the ``"count"`` label method
+            estimates the mean prediction.
         truth: The client's ``(inputs, labels)``, to score the reconstruction (PSNR, SSIM, label accuracy).
         seed: Seed of the random starts and probes (``None``: drawn, and recorded).
         show_progress: Progress bar (``None``: on a TTY).
@@ -299,7 +304,9 @@ def reconstruct(
     tensors: dict[str, Tensor] = {}
     extra: dict[str, Any] = {}
     evaluations = 0
-    with preserve_model(model):
+    rng_devices = [device] if device.type == "cuda" else []
+    with preserve_model(model), torch.random.fork_rng(devices=rng_devices):
+        torch.manual_seed(seed)  # sampled dropout masks: reproducible, and the caller's RNG is left alone
         if has_dropout_train and dropout == "expected":
             for m in model.modules():
                 if isinstance(m, nn.modules.dropout._DropoutNd):
@@ -315,7 +322,8 @@ def reconstruct(
             if method == "count":
                 if shape is None:
                     raise ValueError("the 'count' label method needs input_shape= for its probe inputs.")
-                probe_x = _init(init if init != "zeros" else "rand", (probes, *shape), bounds, gen, dtype, device)
+                probe_x = _init("rand" if bounds is not None else "randn", (probes, *shape), bounds, gen, dtype,
+                                device)
                 evaluations += 1
             rec_labels = recover_labels(model, msg, batch_size, method=method,
                                         layer=layer if attack != "analytic" else None, probes=probe_x).to(device)
@@ -403,11 +411,13 @@ def _applicable(attack: str, model: nn.Module, shape: tuple[int, ...]) -> str | 
     return None
 
 
-def _accuracy(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[float, float]:
+def _accuracy(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[float, float, Tensor]:
+    """Held-out accuracy, mean loss and the per-example correctness (bool) of ``model`` as it is."""
     with torch.no_grad():
         out = model(x)
         logits = out if isinstance(out, Tensor) else out.logits
-        return float((logits.argmax(-1) == y).double().mean()), float(loss_fn(out, y))
+        correct = (logits.argmax(-1) == y).cpu()
+        return float(correct.double().mean()), float(loss_fn(out, y)), correct
 
 
 def _finetune(model: nn.Module, loss_fn: LossFn, defense: Defense, x: Tensor, y: Tensor, *, steps: int, lr: float,
@@ -417,12 +427,14 @@ def _finetune(model: nn.Module, loss_fn: LossFn, defense: Defense, x: Tensor, y:
     gen = torch.Generator().manual_seed(seed)
     noise = torch.Generator().manual_seed(seed + 1)
     params = dict(m.named_parameters())
-    for _ in range(steps):
-        idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
-        msg = as_shared(m, defense.share(m, loss_fn, x[idx], y[idx], generator=noise))
-        with torch.no_grad():
-            for n, t in msg.tensors.items():
-                params[n].add_(t if msg.kind == "update" else -lr * t)
+    with torch.random.fork_rng(devices=[]):  # train-mode dropout draws from the global RNG: seed it, restore it
+        torch.manual_seed(seed)
+        for _ in range(steps):
+            idx = torch.randperm(x.shape[0], generator=gen)[:batch_size]
+            msg = as_shared(m, defense.share(m, loss_fn, x[idx], y[idx], generator=noise))
+            with torch.no_grad():
+                for n, t in msg.tensors.items():
+                    params[n].add_(t if msg.kind == "update" else -lr * t)
     return m
 
 
@@ -440,7 +452,7 @@ def audit(
     input_shape: Sequence[int] | None = None,
     bounds: tuple[float, float] | None = None,
     finetune_steps: int = 50,
-    finetune_lr: float = 0.05,
+    finetune_lr: float = 0.01,
     finetune_batch_size: int = 32,
     delta: float = 1e-5,
     seed: int | None = 0,
@@ -467,7 +479,8 @@ def audit(
         batch_sizes: Client batch sizes to audit.
         n_batches: Batches per batch size; mean and worst case (the most revealing image or batch) are over them.
         heldout: Held-out ``(inputs, labels)`` for the accuracy cost of each defence.
-        attack_options: Per-attack keyword arguments for :func:`reconstruct`, e.g. ``{"inverting": {"steps": 300}}``.
+        attack_options: Per-attack keyword arguments for :func:`reconstruct`, e.g. ``{"inverting": {"steps": 1000}}``;
+            the audit's defaults are :data:`AUDIT_BUDGETS` (300 inverting steps, 20 DLG iterations).
         input_shape, bounds: As in :func:`reconstruct`; ``bounds`` default to the data's min and max.
         finetune_steps, finetune_lr, finetune_batch_size: The fine-tune that measures accuracy costs.
         delta: The delta at which epsilon is reported for DP defences.
@@ -499,7 +512,8 @@ def audit(
     if heldout is not None:
         check_positive_int(finetune_steps, "finetune_steps")
         check_positive_int(finetune_batch_size, "finetune_batch_size")
-    options = {k: dict(v) for k, v in (attack_options or {}).items()}
+    options = {k: {**AUDIT_BUDGETS.get(k, {}), **dict(v)} for k, v in (attack_options or {}).items()}
+    options.update({k: dict(v) for k, v in AUDIT_BUDGETS.items() if k not in options})
     for k in options:
         if k not in ATTACKS:
             raise ValueError(f"attack_options names unknown attack {k!r}.")
@@ -540,7 +554,8 @@ def audit(
             tensors[f"true_labels/b{b}"] = yb.detach().cpu()
         d = defs[di]
         noise = torch.Generator().manual_seed(seed + 7919 * (1 + di) + 104729 * (1 + j) + b)
-        with preserve_model(model):
+        with preserve_model(model), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + j)  # train-mode dropout in the client's forward: reproducible
             message = d.share(model, loss_fn, xb, yb, generator=noise)
         for a in attacks:
             cell = cells.setdefault((a, di, b), {"psnr": [], "ssim": [], "labels": [], "evaluations": 0,
@@ -609,27 +624,33 @@ def audit(
 def _measure_costs(model: nn.Module, loss_fn: LossFn, defs: list[Defense], x: Tensor, y: Tensor, hx: Tensor,
                    hy: Tensor, *, steps: int, lr: float, batch_size: int, seed: int, delta: float,
                    show_progress: bool | None) -> dict[str, Any]:
-    base = copy.deepcopy(model)
-    acc0, loss0 = _accuracy(base, hx, hy, loss_fn)
-    out: dict[str, Any] = {"accuracy_before": acc0, "loss_before": loss0, "defenses": []}
+    """Held-out accuracy after the same fine-tune with each defence; the cost against no defence, with the
+    standard error of the paired difference over the held-out examples."""
+    acc0, loss0, _ = _accuracy(copy.deepcopy(model), hx, hy, loss_fn)
+    out: dict[str, Any] = {"accuracy_before": acc0, "loss_before": loss0, "n_heldout": int(hy.shape[0]),
+                           "defenses": []}
     plain = next((d for d in defs if d.name == "none"), None)
     todo = ([] if plain is not None else [NoDefense()]) + defs
     results = {}
-    for d in progress(todo, total=len(todo), desc="fine-tunes", enabled=show_progress):
-        tuned = _finetune(model, loss_fn, d, x, y, steps=steps, lr=lr, batch_size=min(batch_size, x.shape[0]),
-                          seed=seed)
-        results[d.label] = _accuracy(tuned, hx, hy, loss_fn)
-    ref_acc = results[(plain or NoDefense()).label][0]
+    b = min(batch_size, x.shape[0])
+    with preserve_model(model):
+        for d in progress(todo, total=len(todo), desc="fine-tunes", enabled=show_progress):
+            tuned = _finetune(model, loss_fn, d, x, y, steps=steps, lr=lr, batch_size=b, seed=seed)
+            results[d.label] = _accuracy(tuned, hx, hy, loss_fn)
+    ref_acc, _, ref_correct = results[(plain or NoDefense()).label]
+    n = ref_correct.numel()
     for d in defs:
-        acc, loss = results[d.label]
-        entry: dict[str, Any] = {"defense": d.label, "accuracy": acc, "loss": loss, "accuracy_cost": ref_acc - acc}
+        acc, loss, correct = results[d.label]
+        diff = ref_correct.double() - correct.double()
+        se = float(diff.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.nan
+        entry: dict[str, Any] = {"defense": d.label, "accuracy": acc, "loss": loss, "accuracy_cost": ref_acc - acc,
+                                 "cost_stderr": se}
         if isinstance(d, DPNoise):
-            eps = dp_epsilon(d.noise_multiplier, min(batch_size, x.shape[0]) / x.shape[0], steps, delta)
+            eps = dp_epsilon(d.noise_multiplier, b / x.shape[0], steps, delta)
             entry["epsilon"] = None if eps is None else eps[0]
-            entry["epsilon_setting"] = (f"{steps} steps, sample rate {min(batch_size, x.shape[0]) / x.shape[0]:.3g} "
+            entry["epsilon_setting"] = (f"{steps} steps, sample rate {b / x.shape[0]:.3g} "
                                         f"(Poisson-subsampling accounting), delta={delta:g}"
                                         + ("" if eps is None else f", {eps[1]}"))
         out["defenses"].append(entry)
     out["reference_accuracy"] = ref_acc
     return out
-

@@ -44,7 +44,13 @@ __all__ = [
     "parse_defense",
     "prune_gradient",
     "quantize_gradient",
+    "RDP_ORDERS",
 ]
+
+#: Renyi orders at which epsilon is optimised: Opacus' defaults extended towards 1 (small noise multipliers have
+#: their optimum there) and upwards.
+RDP_ORDERS: tuple[float, ...] = (*(1 + k / 100 for k in range(1, 10)), *(1 + k / 10 for k in range(1, 100)),
+                                 *range(12, 64), 128, 256, 512, 1024)
 
 LossFn = Callable[[Any, Tensor], Tensor]
 
@@ -310,13 +316,13 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: f
     if RDPAccountant is not None:
         acc = RDPAccountant()
         acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-        return float(acc.get_epsilon(delta=delta)), "opacus RDP accountant"
+        return float(acc.get_epsilon(delta=delta, alphas=list(RDP_ORDERS))), "opacus RDP accountant"
     try:
         import dp_accounting
     except ImportError:
         return None
     event = dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)), steps)
-    acc = dp_accounting.rdp.RdpAccountant()
+    acc = dp_accounting.rdp.RdpAccountant(list(RDP_ORDERS))
     acc.compose(event)
     return float(acc.get_epsilon(delta)), "dp-accounting RDP accountant"

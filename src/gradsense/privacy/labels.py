@@ -11,7 +11,8 @@ With cross-entropy on softmax outputs, the last layer ``z = W h + b`` has gradie
   bias gradient gives ``n_c = B (pbar_c - dL/db_c)``, where ``pbar`` is the batch's mean prediction. The
   attacker estimates ``pbar`` (and, without a bias, the mean feature sum ``sbar``, with
   ``n_c = B (pbar_c - rowsum_c / sbar)``) from the model's outputs on ``probes`` random inputs in the data's
-  range, then rounds to counts that add up to B (largest remainders). This is exact when the model's
+  range, then rounds to counts that add up to B (largest remainders), after giving one example to every class
+  whose entry is negative (which, with ``p_c >= 0``, only a present class can have). This is exact when the model's
   prediction (and feature sum) does not depend on the input, e.g. a last layer with zero weights, and close
   for untrained networks, whose predictions vary little; on a confident trained model ``pbar`` is close to
   the label shares and the bias gradient carries less.
@@ -188,8 +189,14 @@ def recover_labels(
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()} if buffers is None else buffers
     pbar, sbar = _probe_statistics(model, weight, probes, logits_of, buffers)
     pbar = pbar.cpu()
-    if gb is not None:
-        expected = batch_size * (pbar - gb.cpu())
-    else:
-        expected = batch_size * (pbar - rows.cpu() / float(sbar))
-    return _counts_to_labels(round_counts(expected, batch_size))
+    signal = gb.cpu() if gb is not None else rows.cpu() / float(sbar)
+    expected = batch_size * (pbar - signal)
+    # a negative entry means the class is present (p_c >= 0): one example each, the most negative first, then the
+    # remaining examples by the estimated counts
+    present = [c for c in torch.argsort(signal).tolist() if signal[c] < 0][:batch_size]
+    counts = torch.zeros(num_classes, dtype=torch.long)
+    counts[present] = 1
+    rest = batch_size - len(present)
+    if rest:
+        counts += round_counts((expected - counts.double()).clamp(min=0), rest)
+    return _counts_to_labels(counts)

@@ -238,7 +238,7 @@ class AuditResult(Result):
                 continue
             out.append([r["attack"], r["defense"], str(r["batch_size"]),
                         f"{_db(r['psnr_mean'])} / {_db(r['psnr_worst'])}" if r["psnr_mean"] is not None else "n/a",
-                        f"{_fmt(r['ssim_mean'], 2)} / {_fmt(r['ssim_worst'], 2)}" if r["ssim_mean"] is not None else "n/a",
+                        f"{r['ssim_mean']:.2f} / {r['ssim_worst']:.2f}" if r["ssim_mean"] is not None else "n/a",
                         f"{_fmt(r['label_acc_mean'], pct=True)} / {_fmt(r['label_acc_worst'], pct=True)}"])
         return header, out
 
@@ -249,11 +249,13 @@ class AuditResult(Result):
         if not ft:
             return None
         eps = {e["defense"]: e for e in self.meta.get("epsilon", [])}
-        header = ["defence", "held-out acc.", "cost (points)", "epsilon (fine-tune)", "epsilon (one batch)"]
+        header = ["defence", "held-out acc.", "cost (s.e.), points", "epsilon: fine-tune", "one batch"]
         out = []
         for d in ft["defenses"]:
             one = eps.get(d["defense"], {}).get("epsilon")
-            out.append([d["defense"], f"{100 * d['accuracy']:.1f}%", f"{100 * d['accuracy_cost']:+.1f}",
+            se = d.get("cost_stderr")
+            cost = f"{100 * d['accuracy_cost']:+.1f}" + ("" if se is None or math.isnan(se) else f" ({100 * se:.1f})")
+            out.append([d["defense"], f"{100 * d['accuracy']:.1f}%", cost,
                         _fmt(d.get("epsilon"), 3) if "epsilon_setting" in d else "", _fmt(one, 3) if one else ""])
         return header, out
 

@@ -101,7 +101,8 @@ def floor(quick: bool) -> None:
             def ours(z: torch.Tensor = z, y: torch.Tensor = y, matcher: Any = matcher) -> None:
                 matcher.value_and_grad(z, y)
 
-            def plain(z: torch.Tensor = z[0], y: torch.Tensor = y, model: Any = model) -> None:
+            def plain(z: torch.Tensor = z[0], y: torch.Tensor = y, model: Any = model, params: Any = params,
+                      target: Any = target, tnorm: torch.Tensor = tnorm) -> None:
                 zz = z.detach().requires_grad_(True)
                 gr = torch.autograd.grad(CE(model(zz), y), params, create_graph=True)
                 dot = sum((a * t).sum() for a, t in zip(gr, target))
@@ -136,7 +137,7 @@ class _Stub(types.ModuleType):
 def _import_breaching() -> Any:
     try:
         import torchvision  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failure to load means: stub it
+    except Exception:
         for name in ("torchvision", "torchvision.transforms", "torchvision.datasets", "torchvision.datasets.utils",
                      "torchvision.models", "torchvision.utils", "torchvision.transforms.functional"):
             mod = _Stub(name)
@@ -146,7 +147,7 @@ def _import_breaching() -> Any:
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore", module="hydra")
+    warnings.filterwarnings("ignore", message=".*version_base.*")
     logging.getLogger("breaching").setLevel(logging.WARNING)
     import breaching
 
@@ -154,48 +155,58 @@ def _import_breaching() -> Any:
 
 
 def versus_breaching(quick: bool) -> None:
-    print("\n== 3. DLG against breaching 0.1.2's own deepleakage attack (same model, image, iterations)")
+    print("\n== 3. DLG against breaching 0.1.2's own deepleakage attack (same model, image, iterations, seeds; "
+          "runs interleaved, medians over seeds)")
     try:
         breaching = _import_breaching()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         print(f"breaching not runnable here ({type(err).__name__}: {err}); skipped")
         return
     from omegaconf import OmegaConf
 
-    iterations = 20 if quick else 60
+    iterations, seeds = (10, 2) if quick else (30, 3)
+    meta = OmegaConf.create({"shape": [3, 32, 32], "modality": "vision", "task": "classification", "classes": 8})
     for mname, model in models(False).items():
         x, y = batch(1)
         g = gs.privacy.client_gradient(model, CE, x, y)
         calls = [0]
-        hook = model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-        try:
-            cfg = breaching.get_attack_config("deepleakage", overrides=[f"optim.max_iterations={iterations}",
-                                                                        f"optim.callback={10**6}"])
-            attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg,
-                                                        setup=dict(device=torch.device("cpu"), dtype=torch.float))
-            meta = OmegaConf.create({"shape": [3, 32, 32], "modality": "vision", "task": "classification", "classes": 8})
-            payload = [{"parameters": [p.detach() for p in model.parameters()], "buffers": None, "metadata": meta}]
-            shared = [{"gradients": [t.clone() for t in g.values()], "buffers": None,
-                       "metadata": {"num_data_points": 1, "labels": None, "local_hyperparams": None}}]
-            torch.manual_seed(0)
-            t0 = time.perf_counter()
-            out, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
-            tb = time.perf_counter() - t0
-        finally:
-            hook.remove()
-        br = out["data"].detach().clamp(0, 1)
-        pb = float(gs.privacy.psnr(x, br)[0])
-        t0 = time.perf_counter()
-        ours = gs.privacy.reconstruct(model, CE, g, attack="dlg", labels="joint", line_search=None, init="randn",
-                                      steps=iterations, truth=(x, y), seed=0)
-        to = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        best = gs.privacy.reconstruct(model, CE, g, attack="dlg", steps=iterations, truth=(x, y), seed=0)
-        tbest = time.perf_counter() - t0
-        print(f"{mname:<26} breaching {tb:6.1f} s {calls[0]:>5} fwd  PSNR {pb:5.1f} | ours, same config {to:6.1f} s "
-              f"{ours.n_evaluations:>5} evals PSNR {float(ours.psnr[0]):5.1f} (x{tb / to:.2f} faster) | ours default "
-              f"(iDLG label, Wolfe) {tbest:5.1f} s {best.n_evaluations:>5} evals PSNR {float(best.psnr[0]):5.1f}",
-              flush=True)
+
+        def count(*_: Any, calls: list[int] = calls) -> None:
+            calls[0] += 1
+
+        cfg = breaching.get_attack_config("deepleakage", overrides=[f"optim.max_iterations={iterations}",
+                                                                    f"optim.callback={10**6}"])
+        rows: dict[str, list[tuple[float, int, float]]] = {"breaching": [], "ours (same config)": [],
+                                                           "ours (default)": []}
+        for seed in range(seeds):
+            hook = model.register_forward_hook(count)
+            try:
+                attacker = breaching.attacks.prepare_attack(model, torch.nn.CrossEntropyLoss(), cfg,
+                                                            setup=dict(device=torch.device("cpu"), dtype=torch.float))
+                payload = [{"parameters": [p.detach() for p in model.parameters()], "buffers": None, "metadata": meta}]
+                shared = [{"gradients": [t.clone() for t in g.values()], "buffers": None,
+                           "metadata": {"num_data_points": 1, "labels": None, "local_hyperparams": None}}]
+                calls[0] = 0
+                torch.manual_seed(seed)
+                t0 = time.perf_counter()
+                out, _ = attacker.reconstruct(payload, shared, {}, dryrun=False)
+                tb = time.perf_counter() - t0
+            finally:
+                hook.remove()
+            rows["breaching"].append((tb, calls[0], float(gs.privacy.psnr(x, out["data"].detach().clamp(0, 1))[0])))
+            for key, kw in (("ours (same config)", {"labels": "joint", "line_search": None, "init": "randn"}),
+                            ("ours (default)", {})):
+                t0 = time.perf_counter()
+                rec = gs.privacy.reconstruct(model, CE, g, attack="dlg", steps=iterations, truth=(x, y), seed=seed,
+                                             **kw)
+                rows[key].append((time.perf_counter() - t0, rec.n_evaluations, float(rec.psnr[0])))
+        ref = statistics.median(t / max(n, 1) for t, n, _ in rows["breaching"])
+        for key, vals in rows.items():
+            per = statistics.median(t / max(n, 1) for t, n, _ in vals)
+            print(f"{mname:<26} {key:<19} {iterations} it: {statistics.median(t for t, _, _ in vals):6.1f} s, "
+                  f"{statistics.median(n for _, n, _ in vals):6.0f} evals, {per * 1e3:5.1f} ms/eval "
+                  f"(breaching/ours {ref / per:4.2f}), PSNR median {statistics.median(p for _, _, p in vals):5.1f} "
+                  f"[{min(p for _, _, p in vals):.1f}, {max(p for _, _, p in vals):.1f}]", flush=True)
 
 
 def full_audit(quick: bool) -> None:

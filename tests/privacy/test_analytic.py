@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_model_unchanged
 from privacy_cases import images, relu_mlp
 from torch import nn
 
 import gradsense as gs
+from helpers import assert_model_unchanged
 
 CE = gs.losses.cross_entropy
 

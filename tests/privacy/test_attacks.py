@@ -4,16 +4,17 @@ BatchNorm/dropout/local-step replay, determinism, batched restarts, the caller's
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
-from helpers import assert_model_unchanged
-from oracles import finite_difference_grad
 from privacy_cases import bn_cnn, dropout_mlp, images, sigmoid_cnn
 
 import gradsense as gs
 from gradsense.privacy.attacks import GradientMatcher, run_inverting
 from gradsense.privacy.shared import as_shared
+from helpers import assert_model_unchanged
+from oracles import finite_difference_grad
 
 CE = gs.losses.cross_entropy
 SHAPE, BOUNDS = (1, 6, 6), (0.0, 1.0)
@@ -49,7 +50,7 @@ def test_inverting_recovers_one_example_and_its_loss_decreases(one):
     assert float(rec.ssim[0]) > 0.999
     trace = rec.loss_trace[:, 0]
     quarters = [float(q.min()) for q in trace.chunk(4)]
-    assert all(b < a for a, b in zip(quarters, quarters[1:])), quarters
+    assert all(b < a for a, b in itertools.pairwise(quarters)), quarters
     assert rec.n_evaluations == 301
 
 
@@ -64,7 +65,7 @@ def test_strong_dp_noise_defeats_the_attack(one):
 
 
 def test_same_seed_same_reconstruction(one):
-    model, x, y, g = one
+    model, _, _, g = one
     kw = dict(attack="inverting", steps=40, input_shape=SHAPE, bounds=BOUNDS, restarts=2)
     a = gs.privacy.reconstruct(model, CE, g, seed=3, **kw)
     b = gs.privacy.reconstruct(model, CE, g, seed=3, **kw)
@@ -80,9 +81,9 @@ def test_batched_restarts_equal_separate_runs(one):
     model, _, y, g = one
     matcher = GradientMatcher(model, CE, as_shared(model, g), distance="cosine", tv=1e-3)
     x0 = torch.rand(3, 1, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    together, vals, trace = run_inverting(matcher, x0, y, steps=15, signed=False, bounds=BOUNDS)
+    together, _, trace = run_inverting(matcher, x0, y, steps=15, signed=False, bounds=BOUNDS)
     for r in range(3):
-        alone, v, t = run_inverting(matcher, x0[r : r + 1], y, steps=15, signed=False, bounds=BOUNDS)
+        alone, _, t = run_inverting(matcher, x0[r : r + 1], y, steps=15, signed=False, bounds=BOUNDS)
         torch.testing.assert_close(together[r], alone[0], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(trace[:, r], t[:, 0], rtol=1e-9, atol=1e-14)
 
@@ -139,7 +140,7 @@ def test_train_mode_dropout_is_stated_and_the_model_untouched(mode):
     with assert_model_unchanged(model):
         rec = gs.privacy.reconstruct(model, CE, g, attack="inverting", steps=20, input_shape=SHAPE, bounds=BOUNDS,
                                      dropout=mode)
-    assert any(f"Dropout in train mode" in a and ("expected network" in a) == (mode == "expected")
+    assert any("Dropout in train mode" in a and ("expected network" in a) == (mode == "expected")
                for a in rec.meta["assumptions"])
     assert all(m.training for m in model.modules())
 

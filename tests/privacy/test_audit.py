@@ -6,11 +6,11 @@ import copy
 
 import pytest
 import torch
-from helpers import CountingModule, assert_model_unchanged
 from privacy_cases import bn_cnn, images, relu_mlp, sigmoid_cnn
 
 import gradsense as gs
 from gradsense.privacy.api import _finetune
+from helpers import CountingModule, assert_model_unchanged
 
 CE = gs.losses.cross_entropy
 
@@ -43,7 +43,7 @@ def test_the_table_has_every_cell_and_measures_the_defences(audited):
     assert res.row("idlg", "none", 2)["psnr_mean"] is None  # labels only
     worst = res.row("inverting", "none", 2)
     assert worst["psnr_worst"] >= worst["psnr_mean"]  # worst case = the most revealing image
-    header, rows = res.table()
+    _, rows = res.table()
     assert all(len("  ".join(r)) <= 80 for r in rows)
 
 

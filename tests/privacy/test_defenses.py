@@ -8,8 +8,6 @@ import math
 
 import pytest
 import torch
-from helpers import assert_model_unchanged
-from oracles import per_example_loop_grads
 from privacy_cases import images, relu_mlp, sigmoid_cnn
 
 import gradsense as gs
@@ -21,6 +19,8 @@ from gradsense.privacy.defenses import (
     prune_gradient,
     quantize_gradient,
 )
+from helpers import assert_model_unchanged
+from oracles import per_example_loop_grads
 
 CE = gs.losses.cross_entropy
 
@@ -144,5 +144,5 @@ def test_defence_names(spec, label):
 
 @pytest.mark.parametrize("spec", ["prun", "prune:2", "dp:-1", "local:0", "int8:3", "prune:x"])
 def test_bad_defence_names_say_what_is_allowed(spec):
-    with pytest.raises(ValueError, match="defence|must"):
+    with pytest.raises(ValueError, match=r"defence|must"):
         parse_defense(spec)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_model_unchanged
 from privacy_cases import C, bn_cnn, images, relu_mlp, relu_nobias_head, sigmoid_cnn
 from torch import nn
 
 import gradsense as gs
 from gradsense.privacy.labels import recover_labels, round_counts
 from gradsense.privacy.shared import as_shared
+from helpers import assert_model_unchanged
 
 CE = gs.losses.cross_entropy
 ARCHS = {"sigmoid-cnn": sigmoid_cnn, "relu-mlp": relu_mlp, "relu-cnn-no-bias-head": relu_nobias_head, "bn-cnn-eval": bn_cnn}
@@ -109,5 +109,5 @@ def test_idlg_refuses_batches_and_models_without_a_classifier():
         gs.privacy.reconstruct(model, CE, g, attack="idlg", batch_size=2, label_method="idlg")
     conv = nn.Sequential(nn.Conv2d(1, 4, 6), nn.Flatten()).double()
     g = gs.privacy.client_gradient(conv, CE, images(1), torch.tensor([2]))
-    with pytest.raises(ValueError, match="last nn.Linear"):
+    with pytest.raises(ValueError, match=r"last nn\.Linear"):
         gs.privacy.reconstruct(conv, CE, g, attack="idlg")

@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from helpers import CountingModule, assert_model_unchanged
-from oracles import full_batch_grad
 from privacy_cases import bn_cnn, images, sigmoid_cnn
 
 import gradsense as gs
 from gradsense.privacy.shared import as_shared
+from helpers import CountingModule, assert_model_unchanged
+from oracles import full_batch_grad
 
 CE = gs.losses.cross_entropy
 

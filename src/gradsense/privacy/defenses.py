@@ -33,6 +33,7 @@ from gradsense.privacy.shared import WeightUpdate, client_gradient, client_updat
 
 __all__ = [
     "DEFENSES",
+    "RDP_ORDERS",
     "DPNoise",
     "Defense",
     "LocalSteps",
@@ -44,7 +45,6 @@ __all__ = [
     "parse_defense",
     "prune_gradient",
     "quantize_gradient",
-    "RDP_ORDERS",
 ]
 
 #: Renyi orders at which epsilon is optimised: Opacus' defaults extended towards 1 (small noise multipliers have
@@ -312,7 +312,7 @@ def dp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: f
     try:
         from opacus.accountants import RDPAccountant
     except ImportError:
-        RDPAccountant = None  # noqa: N806
+        RDPAccountant = None
     if RDPAccountant is not None:
         acc = RDPAccountant()
         acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]

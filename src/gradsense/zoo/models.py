@@ -20,8 +20,8 @@ from torch import Tensor, nn
 __all__ = [
     "Attention",
     "Block",
-    "DigitsCNN",
     "ConvNetPool",
+    "DigitsCNN",
     "FeedForward",
     "LeNetZhu",
     "SentenceEncoder",

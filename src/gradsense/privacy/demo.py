@@ -7,7 +7,7 @@
    ``zoo:photos-lenet``.
 2. Defences and what they cost: an audit of ``zoo:photos-lenet`` (iDLG + Inverting Gradients x no defence,
    pruning, DP-SGD noise, int8, local steps x batches of 1 and 4) with each defence's accuracy cost measured by a
-   30-round federated fine-tune with it, and the privacy-accuracy trade-off.
+   short federated fine-tune with it, and the privacy-accuracy trade-off.
 """
 
 from __future__ import annotations
@@ -45,14 +45,17 @@ def _untrained(name: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def demo_section(run: Any, report: Any, *, steps: int = 300, n_images: int = 3) -> None:
+def demo_section(run: Any, report: Any, *, steps: int = 300, dlg_steps: int = 20, n_images: int = 3,
+                 finetune_steps: int = 30) -> None:
     """Add the privacy sections to a demo run (about a minute on two cores).
 
     Args:
         run: A :class:`~gradsense.results.RunFolder` (results and figures are saved into it).
         report: A :class:`~gradsense.viz.report.Report` (sections are appended).
         steps: Adam steps of every Inverting Gradients run.
+        dlg_steps: L-BFGS iterations of every DLG run.
         n_images: Photo crops attacked one at a time in the first section.
+        finetune_steps: Rounds of the fine-tune that measures each defence's accuracy cost.
     """
     import gradsense as gs
     from gradsense.results.privacy import image_rows
@@ -65,7 +68,7 @@ def demo_section(run: Any, report: Any, *, steps: int = 300, n_images: int = 3) 
     rows = [("original", x, [train.classes[int(c)] for c in y])]
     table = []
     trained = gs.zoo.load("photos-lenet")
-    runs = [("untrained LeNet, DLG", _untrained("photos-lenet"), "dlg", {"steps": 20}),
+    runs = [("untrained LeNet, DLG", _untrained("photos-lenet"), "dlg", {"steps": dlg_steps}),
             ("untrained LeNet, inverting", _untrained("photos-lenet"), "inverting", {"steps": steps}),
             ("trained LeNet, inverting", trained, "inverting", {"steps": steps})]
     for label, model, attack, opts in runs:
@@ -88,7 +91,7 @@ def demo_section(run: Any, report: Any, *, steps: int = 300, n_images: int = 3) 
         text=(f"{n_images} photo crops from the bundled photos set (32x32 crops of scikit-learn's two sample "
               "photos), each shared as the gradient of one example, as a federated client would. The label comes from "
               "the sign of the last layer's bias gradient (iDLG); the image from Deep Leakage from Gradients (L2 "
-              f"matching, 20 L-BFGS iterations) or Inverting Gradients (cosine + total variation, signed Adam, {steps} "
+              f"matching, {dlg_steps} L-BFGS iterations) or Inverting Gradients (cosine + total variation, signed Adam, {steps} "
               "steps). The network is Zhu et al.'s sigmoid LeNet, untrained as in the papers, and trained "
               f"(zoo:photos-lenet, {acc:.0%} test accuracy on 8 location classes, chance 12.5%). Below ~20 dB a photo "
               "is not recognisable: the untrained network gives its inputs away, the trained one much less - but "
@@ -99,7 +102,7 @@ def demo_section(run: Any, report: Any, *, steps: int = 300, n_images: int = 3) 
 
     res = gs.privacy.audit(trained, ce, train, attacks=("idlg", "inverting"),
                            defenses=("none", "prune:0.1", "dp:0.1", "int8", "local:4:0.01"), batch_sizes=(1, 4),
-                           heldout=test[:], attack_options={"inverting": {"steps": steps}}, finetune_steps=30,
+                           heldout=test[:], attack_options={"inverting": {"steps": steps}}, finetune_steps=finetune_steps,
                            seed=0, name="zoo:photos-lenet")
     run.save_result(res, "privacy-audit")
     rec_fig, trade = res.plot("reconstructions"), res.plot("tradeoff")
@@ -111,7 +114,8 @@ def demo_section(run: Any, report: Any, *, steps: int = 300, n_images: int = 3) 
         text=("An audit of the trained zoo:photos-lenet: iDLG and Inverting Gradients against every defence, for one "
               "batch of 1 and one of 4 training crops. PSNR/SSIM compare each original with its best-matched "
               "reconstruction (mean / most revealing image); label accuracy counts recovered labels as a multiset. "
-              "Each defence's accuracy cost is measured, not assumed: the model is fine-tuned for 30 federated rounds "
+              f"Each defence's accuracy cost is measured, not assumed: the model is fine-tuned for {finetune_steps} "
+              "federated rounds "
               "(batches of 32, server step 0.01) with the defence applied to every round's shared gradient, and its "
               f"accuracy on the {len(test)} test crops is compared with the same fine-tune without defence "
               f"({100 * ft['reference_accuracy']:.1f}%; {100 * ft['accuracy_before']:.1f}% before). The standard error "
@@ -125,4 +129,5 @@ def demo_section(run: Any, report: Any, *, steps: int = 300, n_images: int = 3) 
     if costs is not None:
         report.add_section("Privacy: accuracy cost and epsilon", level=3, table=costs, text=(
             "Epsilon (delta = 1e-5) from the RDP accountant when Opacus or dp-accounting is installed: for the "
-            "30-round fine-tune under Poisson-subsampling accounting, and for one release of one batch's gradient."))
+            f"{finetune_steps}-round fine-tune under Poisson-subsampling accounting, and for one release of one batch's "
+            "gradient."))

@@ -171,3 +171,14 @@ def test_result_round_trips_and_plots(tmp_path, one):
     fig = back.plot()
     assert len(fig.axes) == 2 and "dB" in fig.axes[1].get_title()
     assert any(k == "model evaluations" for k, _ in back.summary())
+
+
+def test_restarts_are_grouped_under_the_memory_budget_with_the_same_result(one):
+    model, x, y, g = one
+    kw = dict(attack="inverting", steps=8, restarts=3, input_shape=SHAPE, bounds=BOUNDS, seed=1, signed=False)
+    together = gs.privacy.reconstruct(model, CE, g, **kw)
+    apart = gs.privacy.reconstruct(model, CE, g, max_memory=1, **kw)  # one restart per group (autograd path)
+    # signed=False: sign() of rounding-level differences between the vmap and autograd paths would diverge
+    assert together.meta["restart_groups"] == 1 and apart.meta["restart_groups"] == 3
+    torch.testing.assert_close(apart.loss_trace, together.loss_trace, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(apart.inputs, together.inputs, rtol=1e-9, atol=1e-12)

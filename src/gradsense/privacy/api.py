@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradsense.core.batching import progress
+from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
 from gradsense.core.checks import check_positive_int, draw_seed
 from gradsense.core.distributed import DataLike, materialize
 from gradsense.core.functional import (
@@ -193,6 +193,7 @@ def reconstruct(
     probes: int = 16,
     truth: tuple[Tensor, Tensor] | Tensor | None = None,
     seed: int | None = 0,
+    max_memory: int | str | None = None,
     show_progress: bool | None = None,
     name: str | None = None,
 ) -> ReconstructionResult:
@@ -229,6 +230,8 @@ def reconstruct(
             estimates the mean prediction.
         truth: The client's ``(inputs, labels)``, to score the reconstruction (PSNR, SSIM, label accuracy).
         seed: Seed of the random starts and probes (``None``: drawn, and recorded).
+        max_memory: Memory budget (bytes or e.g. ``"2GB"``) for the restarts run at once (inverting); default a
+            quarter of free memory, at most 256 MiB on a CPU (see :mod:`gradsense.core.batching`).
         show_progress: Progress bar (``None``: on a TTY).
         name: Model name for the metadata.
 
@@ -341,8 +344,14 @@ def reconstruct(
                                       randomness="different" if (has_dropout_train and dropout == "sample") else "error")
             x0 = _init(init, (restarts, batch_size, *shape), bounds, gen, dtype, device)
             if attack == "inverting":
-                best_x, best_v, trace = run_inverting(matcher, x0, rec_labels, steps=steps, lr=lr, signed=signed,
-                                                      bounds=bounds, show_progress=show_progress)
+                # restarts are independent: run them in groups that fit the memory budget
+                per_restart = 4 * batch_size * estimate_example_bytes(model, x0[0, :1])  # double backward ~4x
+                group = chunk_size_for(per_restart, max_memory=max_memory, total=restarts, device=device)
+                parts = [run_inverting(matcher, x0[sl], rec_labels, steps=steps, lr=lr, signed=signed, bounds=bounds,
+                                       show_progress=show_progress) for sl in chunks(restarts, group)]
+                best_x, best_v = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+                trace = torch.cat([p[2] for p in parts], dim=1)
+                extra["restart_groups"] = len(parts)
                 best_y = None
             else:
                 if joint:

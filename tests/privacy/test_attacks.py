@@ -174,7 +174,7 @@ def test_result_round_trips_and_plots(tmp_path, one):
 
 
 def test_restarts_are_grouped_under_the_memory_budget_with_the_same_result(one):
-    model, x, y, g = one
+    model, _, _, g = one
     kw = dict(attack="inverting", steps=8, restarts=3, input_shape=SHAPE, bounds=BOUNDS, seed=1, signed=False)
     together = gs.privacy.reconstruct(model, CE, g, **kw)
     apart = gs.privacy.reconstruct(model, CE, g, max_memory=1, **kw)  # one restart per group (autograd path)

@@ -21,10 +21,11 @@ def _parse_list(text: str, kind: type, what: str) -> list[Any]:
     return items
 
 
-def _print(title: str, header: list[str], rows: list[list[str]]) -> None:
+def _print(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
+    from rich import box
     from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
     for i, col in enumerate(header):
         table.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
     for r in rows:
@@ -139,12 +140,13 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
                            batch_sizes=sizes, n_batches=n_batches, heldout=heldout, attack_options=options,
                            finetune_steps=finetune_steps, seed=seed, name=name)
     header, rows = res.table()
-    _print(f"What {name} leaks: {data_name} ({split}), {n_batches} batch(es) per size", header, rows)
+    _print(f"What {name} leaks: {data_name} ({split}), {n_batches} batch(es) per size", header, rows,
+           caption="cells: mean / worst case (the most revealing image, or batch for labels)")
     costs = res.cost_table()
     if costs is not None:
-        _print(f"Accuracy cost ({finetune_steps}-round fine-tune, {n_heldout} held-out examples)", *costs)
-    console.print("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not. "
-                  "Worst case = the most revealing image (PSNR, SSIM) or batch (labels).")
+        _print(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_heldout} held-out examples", *costs,
+               caption="cost in percentage points against no defence; ε at delta 1e-5 (RDP)")
+    console.print("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not.")
     if out:
         path = write_audit(res, out, title=f"gradsense audit: {name} on {data_name}", text=(
             f"Every attack on what a client shares under every defence, for batches of {', '.join(map(str, sizes))} "

@@ -229,27 +229,35 @@ class AuditResult(Result):
         raise KeyError(f"no audit cell ({attack!r}, {defense!r}, {batch_size}); defences: {self.defenses}.")
 
     def table(self) -> tuple[list[str], list[list[str]]]:
-        """``(header, rows)`` of the leakage table as strings (fits 80 columns)."""
-        header = ["attack", "defence", "B", "PSNR dB mean/worst", "SSIM mean/worst", "labels mean/worst"]
+        """``(header, rows)`` of the leakage table as strings, each cell ``mean / worst`` (fits 80 columns)."""
+        header = ["attack", "defence", "B", "PSNR dB", "SSIM", "labels"]
+
+        def pair(a: Any, b: Any, f: Any) -> str:
+            return "n/a" if a is None else f"{f(a)} / {f(b)}"
+
+        def ssim2(x: float) -> str:
+            text = f"{x:.2f}"
+            return "0.00" if text == "-0.00" else text
+
         out = []
         for r in self.rows:
             if r.get("skipped"):
                 out.append([r["attack"], r["defense"], str(r["batch_size"]), "skipped", "", ""])
                 continue
-            out.append([r["attack"], r["defense"], str(r["batch_size"]),
-                        f"{_db(r['psnr_mean'])} / {_db(r['psnr_worst'])}" if r["psnr_mean"] is not None else "n/a",
-                        f"{r['ssim_mean']:.2f} / {r['ssim_worst']:.2f}" if r["ssim_mean"] is not None else "n/a",
-                        f"{_fmt(r['label_acc_mean'], pct=True)} / {_fmt(r['label_acc_worst'], pct=True)}"])
+            out.append([r["attack"], r["defense"], str(r["batch_size"]), pair(r["psnr_mean"], r["psnr_worst"], _db),
+                        pair(r["ssim_mean"], r["ssim_worst"], ssim2),
+                        pair(r["label_acc_mean"], r["label_acc_worst"], lambda v: _fmt(v, pct=True))])
         return header, out
 
     def cost_table(self) -> tuple[list[str], list[list[str]]] | None:
-        """``(header, rows)``: held-out accuracy after the fine-tune with each defence and its cost; ``None``
-        without ``heldout=``."""
+        """``(header, rows)``: held-out accuracy after the fine-tune with each defence, its cost against the same
+        fine-tune without defence in percentage points (standard error of the paired difference), and epsilon for
+        the fine-tune and for one batch's gradient (DP defences); ``None`` without ``heldout=``."""
         ft = self.meta.get("finetune")
         if not ft:
             return None
         eps = {e["defense"]: e for e in self.meta.get("epsilon", [])}
-        header = ["defence", "held-out acc.", "cost (s.e.), points", "epsilon: fine-tune", "one batch"]
+        header = ["defence", "accuracy", "cost (s.e.)", "ε fine-tune", "ε 1 batch"]
         out = []
         for d in ft["defenses"]:
             one = eps.get(d["defense"], {}).get("epsilon")

@@ -93,7 +93,12 @@ def test_bad_arguments_fail_before_work():
                           ({"labels": "joint", "input_shape": (1, 6, 6)}, "only for attack='dlg'"),
                           ({"labels": torch.tensor([0, 1]), "input_shape": (1, 6, 6)}, r"shape \(1,\)"),
                           ({"attack": "dlg", "input_shape": (1, 6, 6), "bounds": (1.0, 0.0)}, "lo < hi"),
-                          ({"attack": "dlg", "input_shape": (1, 6, 6), "label_method": "magic"}, "label_method")]:
+                          ({"attack": "dlg", "input_shape": (1, 6, 6), "label_method": "magic"}, "label_method"),
+                          ({"attack": "dlg", "input_shape": (1, 6, 6), "distance": "l1"}, "distance must be"),
+                          ({"attack": "inverting", "input_shape": (1, 6, 6), "lr": 0.0}, "lr must be"),
+                          ({"attack": "inverting", "input_shape": (1, 6, 6), "tv": -1.0}, "tv must be"),
+                          ({"attack": "inverting", "input_shape": (1, 6, 6), "dropout": "drop"}, "dropout must be"),
+                          ({"attack": "idlg", "batch_size": 3}, "needs input_shape")]:
         with pytest.raises((ValueError, TypeError), match=match):
             gs.privacy.reconstruct(model, CE, g, **kwargs)
     assert model.calls == calls

@@ -26,7 +26,7 @@ from gradsense.core.functional import (
     training_stochastic_layers,
 )
 from gradsense.privacy.analytic import linear_layer_inputs
-from gradsense.privacy.attacks import GradientMatcher, run_dlg, run_inverting
+from gradsense.privacy.attacks import DISTANCES, GradientMatcher, run_dlg, run_inverting
 from gradsense.privacy.defenses import Defense, DPNoise, LocalSteps, NoDefense, dp_epsilon, parse_defenses
 from gradsense.privacy.labels import LABEL_METHODS, find_last_layer, recover_labels
 from gradsense.privacy.metrics import label_accuracy, match, psnr, ssim
@@ -273,8 +273,11 @@ def reconstruct(
                              f"{tuple(labels.shape)}.")
     elif labels is not None and not joint:
         raise TypeError(f"labels must be None, an int tensor or 'joint', got {type(labels).__name__}.")
-    if labels is None and not (label_method == "auto" and batch_size > 1 and shape is None):
+    method = label_method if label_method != "auto" else ("idlg" if batch_size == 1 else "count")
+    if labels is None:
         find_last_layer(model, msg, layer if attack != "analytic" else None)  # fails early if not identifiable
+        if method == "count" and shape is None:
+            raise ValueError("the 'count' label method needs input_shape= for its probe inputs (or pass labels=).")
     if msg.kind == "update" and msg.batch_size is not None and msg.batch_size > batch_size:
         raise ValueError(f"WeightUpdate.batch_size ({msg.batch_size}) exceeds batch_size ({batch_size}).")
     spec = ATTACKS[attack].defaults
@@ -283,6 +286,12 @@ def reconstruct(
     lr = spec.get("lr", 0.0) if lr is None else float(lr)
     tv = spec.get("tv", 0.0) if tv is None else float(tv)
     distance = spec.get("distance", "cosine") if distance is None else distance
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
+    if attack in ("dlg", "inverting") and not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    if not (math.isfinite(tv) and tv >= 0):
+        raise ValueError(f"tv must be >= 0, got {tv!r}.")
     if init is None:
         init = "rand" if (attack == "inverting" and bounds is not None) else "randn"
     if init not in ("randn", "rand", "zeros"):
@@ -321,10 +330,7 @@ def reconstruct(
             rec_labels, label_source = None, "joint optimisation"
         else:
             probe_x = None
-            method = label_method if label_method != "auto" else ("idlg" if batch_size == 1 else "count")
             if method == "count":
-                if shape is None:
-                    raise ValueError("the 'count' label method needs input_shape= for its probe inputs.")
                 probe_x = _init("rand" if bounds is not None else "randn", (probes, *shape), bounds, gen, dtype,
                                 device)
                 evaluations += 1

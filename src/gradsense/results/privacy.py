@@ -306,7 +306,7 @@ class AuditResult(Result):
                 ``"tradeoff"``: worst-case PSNR against the measured accuracy cost of every defence (without a
                 fine-tune: worst-case PSNR per defence and batch size).
             attack: The attack to show (default: the one with the highest mean PSNR).
-            batch_size: The batch size to show (default: the smallest).
+            batch_size: The batch size to show (default: every batch size, smallest first, up to ``max_items``).
             max_items: Images per row at most.
 
         Raises:
@@ -320,18 +320,30 @@ class AuditResult(Result):
         attack = attack or self._best_attack()
         if attack is None:
             raise NotImplementedError("no attack in this audit reconstructs images")
-        sizes = (self.meta.get("settings") or {}).get("batch_sizes", [1])
-        b = batch_size if batch_size is not None else min(sizes)
+        sizes = sorted((self.meta.get("settings") or {}).get("batch_sizes", [1]))
+        if batch_size is not None:
+            sizes = [batch_size]
         bounds = tuple((self.meta.get("settings") or {}).get("bounds") or (0.0, 1.0))
-        originals = self.tensors[f"originals/b{b}"][:max_items]
-        truth = self.tensors[f"true_labels/b{b}"]
-        rows = [("original", originals, [f"label {int(v)}" for v in truth[:max_items]])]
+        take: list[tuple[int, int]] = []  # (batch size, images shown from its first batch)
+        used = 0
+        for b in sizes:
+            k = min(b, max_items - used)
+            if k > 0:
+                take.append((b, k))
+                used += k
+        tag = (lambda b: f"B={b}: ") if len(take) > 1 else (lambda b: "")
+        originals = torch.cat([self.tensors[f"originals/b{b}"][:k] for b, k in take])
+        captions = [f"{tag(b)}label {int(v)}" for b, k in take for v in self.tensors[f"true_labels/b{b}"][:k]]
+        rows = [("original", originals, captions)]
         for di, label in enumerate(self.defenses):
-            key = f"recon/{attack}/{di}/b{b}"
-            if key in self.tensors:
-                ps = self.tensors[f"psnr/{attack}/{di}/b{b}"]
-                rows.append((label, self.tensors[key][:max_items], [f"{_db(float(v))} dB" for v in ps[:max_items]]))
-        return image_rows(rows, bounds, f"{attack}, batch of {b}: originals and reconstructions per defence")
+            if not all(f"recon/{attack}/{di}/b{b}" in self.tensors for b, _ in take):
+                continue
+            imgs = torch.cat([self.tensors[f"recon/{attack}/{di}/b{b}"][:k] for b, k in take])
+            caps = [f"{tag(b)}{_db(float(v))} dB" for b, k in take for v in self.tensors[f"psnr/{attack}/{di}/b{b}"][:k]]
+            rows.append((label, imgs, caps))
+        sizes_text = ", ".join(str(b) for b, _ in take)
+        return image_rows(rows, bounds, f"{attack}: originals and reconstructions per defence (first batch of "
+                                        f"{sizes_text})")
 
     def _plot_tradeoff(self, attack: str | None) -> Any:
         from matplotlib.figure import Figure
@@ -344,14 +356,16 @@ class AuditResult(Result):
         sizes = sorted({r["batch_size"] for r in rows})
         if ft and rows:
             cost = {d["defense"]: 100 * d["accuracy_cost"] for d in ft["defenses"]}
+            err = {d["defense"]: 100 * (d.get("cost_stderr") or 0.0) for d in ft["defenses"]}
             for b in sizes:
                 pts = [(cost.get(r["defense"], math.nan), min(r["psnr_worst"], 60.0), r["defense"]) for r in rows
                        if r["batch_size"] == b]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=f"batch {b}")
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[err.get(p[2], 0.0) for p in pts], fmt="o",
+                            capsize=2, label=f"batch {b}")
                 if b == sizes[0]:
                     for x, y, name in pts:
                         ax.annotate(name.replace("$", r"\$"), (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            ax.set_xlabel("accuracy cost of the defence (percentage points, measured by fine-tuning)")
+            ax.set_xlabel("accuracy cost of the defence (percentage points, measured by fine-tuning; bars: 1 s.e.)")
         else:
             labels = self.defenses
             for k, b in enumerate(sizes):

@@ -84,7 +84,7 @@ def quality(quick: bool) -> None:
 
 
 def floor(quick: bool) -> None:
-    print("\n== 2. time per evaluation: ours (torch.func, one restart) vs the plain autograd loop (the floor)")
+    print("\n== 2. time per evaluation: ours (one restart) vs the plain autograd loop of the same passes (the floor)")
     reps = 10 if quick else 30
     for mname, model in models(False).items():
         for b in (1, 4, 16):

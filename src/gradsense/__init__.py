@@ -25,8 +25,8 @@ __version__ = "0.1.0"
 
 # name -> module that defines it; a name whose module is itself is a subpackage
 _SUBMODULES = (
-    "attribution", "core", "curvature", "evaluation", "importance", "influence", "io", "landscape", "losses", "results",
-    "targets", "viz", "zoo",
+    "attribution", "core", "curvature", "evaluation", "importance", "influence", "io", "landscape", "losses",
+    "privacy", "results", "targets", "viz", "zoo",
 )
 _FUNCTIONS = {
     "attribute": "gradsense.attribution",
@@ -70,6 +70,7 @@ __all__ = [
     "load_model",
     "loss_surface",
     "losses",
+    "privacy",
     "results",
     "sharpness",
     "spectral_density",
@@ -89,6 +90,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
         io,
         landscape,
         losses,
+        privacy,
         results,
         targets,
         viz,

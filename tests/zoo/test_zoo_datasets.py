@@ -20,7 +20,7 @@ def _split_indices(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_dataset_names():
-    assert zoo.datasets() == ["block-digits", "breast-cancer", "digits"]
+    assert zoo.datasets() == ["block-digits", "breast-cancer", "digits", "photos"]
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

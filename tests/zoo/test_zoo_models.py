@@ -14,10 +14,11 @@ import gradsense.zoo as zoo
 from gradsense.zoo.models import Attention, TinyViT
 from gradsense.zoo.registry import WEIGHTS_DIR
 
-SMALL = ["block-digits-cnn", "breast-cancer-mlp", "digits-cnn", "digits-vit"]
+SMALL = ["block-digits-cnn", "breast-cancer-mlp", "digits-cnn", "digits-vit", "photos-cnn", "photos-lenet"]
 DATASET = {"block-digits-cnn": "block-digits", "breast-cancer-mlp": "breast-cancer", "digits-cnn": "digits",
-           "digits-vit": "digits"}
-THRESHOLD = {"block-digits-cnn": 0.97, "breast-cancer-mlp": 0.95, "digits-cnn": 0.97, "digits-vit": 0.90}
+           "digits-vit": "digits", "photos-cnn": "photos", "photos-lenet": "photos"}
+THRESHOLD = {"block-digits-cnn": 0.97, "breast-cancer-mlp": 0.95, "digits-cnn": 0.97, "digits-vit": 0.90,
+             "photos-cnn": 0.35, "photos-lenet": 0.25}  # photos: 8 location classes, chance 0.125
 
 
 @torch.no_grad()
@@ -26,7 +27,8 @@ def _accuracy(model: nn.Module, data: zoo.ZooDataset) -> float:
 
 
 def test_available_names():
-    assert zoo.available() == ["block-digits-cnn", "breast-cancer-mlp", "digits-cnn", "digits-vit", "minilm"]
+    assert zoo.available() == ["block-digits-cnn", "breast-cancer-mlp", "digits-cnn", "digits-vit", "minilm",
+                               "photos-cnn", "photos-lenet"]
 
 
 @pytest.mark.parametrize("name", SMALL)

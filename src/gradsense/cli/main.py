@@ -6,6 +6,7 @@ import click
 
 from gradsense import __version__
 from gradsense.cli.attribute import attribute_cmd
+from gradsense.cli.audit import audit_cmd
 from gradsense.cli.common import Group
 from gradsense.cli.demo import demo_cmd
 from gradsense.cli.doctor import doctor_cmd
@@ -29,6 +30,7 @@ Examples:
   gradsense landscape --model my.py:build --weights ckpt.pt --data val.npz
   gradsense influence --model zoo:digits-cnn --train digits:train \\
       --query "digits:test[:4]" --method ekfac
+  gradsense audit --model zoo:photos-lenet --data photos --out runs/audit
 \b
 Models: zoo:NAME, path/file.py:factory, package.module:factory, hf:DIR.
 Data: zoo:NAME, .npy/.npz/.safetensors/.pt, .csv, image folders, .txt/.jsonl.
@@ -54,6 +56,7 @@ cli.add_command(hessian_cmd)
 cli.add_command(importance_cmd)
 cli.add_command(influence_cmd)
 cli.add_command(landscape_cmd)
+cli.add_command(audit_cmd)
 
 
 def main() -> None:

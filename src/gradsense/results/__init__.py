@@ -36,3 +36,7 @@ from gradsense.results.importance import BitsResult, ImportanceResult, PruneResu
 
 __all__ += ["BitsResult", "CurveResult", "GlobalSensitivityResult", "ImportanceResult", "MethodTable", "MetricResult",
             "PruneResult", "RandomizationResult", "SweepResult", "TaylorResult"]
+
+from gradsense.results.privacy import AuditResult, ReconstructionResult  # noqa: E402
+
+__all__ += ["AuditResult", "ReconstructionResult"]

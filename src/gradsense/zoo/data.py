@@ -9,6 +9,10 @@ Highlight Discriminative Features?", their BlockMNIST): each ``1 x 8 x 16`` imag
 ``digits`` in one 8x8 block and a fixed, uninformative pattern (:data:`BLOCK_PATTERN`) in the other,
 the side drawn at random (seeded per split). ``masks`` marks the digit block, the only part that
 carries the label.
+
+``photos`` holds natural images: 32x32 RGB crops (values in [0, 1]) of the two photos that ship with
+scikit-learn (``load_sample_images``), labelled by photo and quadrant (8 classes), with a spatial split
+(test crops come from tiles no train crop touches) instead of the random one.
 """
 
 from __future__ import annotations
@@ -187,10 +191,52 @@ def _block_digits_arrays() -> dict[str, Any]:
     return out
 
 
+PHOTO_CROP, PHOTO_STRIDE, PHOTO_TILES = 32, 4, (2, 4)
+PHOTO_TEST_TILES = ((0, 1), (1, 3))
+PHOTO_QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+@functools.cache
+def _photos_arrays() -> dict[str, Any]:
+    """32x32 RGB crops of scikit-learn's two sample photos (china.jpg, flower.jpg), 8 location classes.
+
+    Each photo is halved by 2x2 averaging (427x640 -> 213x320, last row dropped: 212x320) and split into four
+    106x160 quadrants; the label is (photo, quadrant). Every quadrant is cut into 2x4 tiles of 53x40 pixels;
+    crops lie inside one tile, on a stride-4 grid (18 per tile). Two tiles of every quadrant (row, column
+    (0, 1) and (1, 3)) give the test crops, the other six the train crops, so no test crop shares a pixel with
+    a train crop and both splits cover every quadrant.
+    """
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    names = [str(f).replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".jpg") for f in bunch.filenames]
+    xs: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    ys: dict[str, list[int]] = {"train": [], "test": []}
+    c, s = PHOTO_CROP, PHOTO_STRIDE
+    for p, img in enumerate(bunch.images):
+        a = img[:426, :640].astype(np.float64) / 255.0
+        half = a.reshape(213, 2, 320, 2, 3).mean(axis=(1, 3))[:212].transpose(2, 0, 1).astype(np.float32)
+        qh, qw = half.shape[1] // 2, half.shape[2] // 2
+        th, tw = qh // PHOTO_TILES[0], qw // PHOTO_TILES[1]
+        for q in range(4):
+            for ti in range(PHOTO_TILES[0]):
+                for tj in range(PHOTO_TILES[1]):
+                    split = "test" if (ti, tj) in PHOTO_TEST_TILES else "train"
+                    top, left = (q // 2) * qh + ti * th, (q % 2) * qw + tj * tw
+                    for r in range(0, th - c + 1, s):
+                        for col in range(0, tw - c + 1, s):
+                            xs[split].append(half[:, top + r : top + r + c, left + col : left + col + c])
+                            ys[split].append(4 * p + q)
+    out: dict[str, Any] = {split: (np.stack(xs[split]), np.asarray(ys[split], dtype=np.int64)) for split in SPLITS}
+    out.update(classes=[f"{n}/{q}" for n in names for q in PHOTO_QUADRANTS], feature_names=None, mean=None, std=None)
+    return out
+
+
 _LOADERS = {
     "block-digits": _block_digits_arrays,
     "breast-cancer": _breast_cancer_arrays,
     "digits": _digits_arrays,
+    "photos": _photos_arrays,
 }
 
 

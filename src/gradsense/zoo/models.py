@@ -4,6 +4,8 @@
 - :class:`TinyViT`: a pre-LN vision transformer with explicit attention, whose attention
   probabilities pass through an ``nn.Identity`` named ``attn_map`` so hooks can read them.
 - :class:`TabularMLP`: a ReLU MLP for standardised tabular features.
+- :class:`LeNetZhu`: the sigmoid LeNet of Deep Leakage from Gradients (Zhu et al. 2019), for photo crops.
+- :class:`ConvNetPool`: a small ReLU CNN with max-pooling, for photo crops.
 - :class:`SentenceEncoder`: a mean-pooling wrapper around a Hugging Face encoder (MiniLM).
 """
 
@@ -18,8 +20,10 @@ from torch import Tensor, nn
 __all__ = [
     "Attention",
     "Block",
+    "ConvNetPool",
     "DigitsCNN",
     "FeedForward",
+    "LeNetZhu",
     "SentenceEncoder",
     "TabularMLP",
     "TinyViT",
@@ -207,6 +211,67 @@ class TabularMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+class LeNetZhu(nn.Module):
+    """The LeNet of Zhu et al. 2019 (Deep Leakage from Gradients): three 5x5 convs with sigmoids, one linear.
+
+    ``body`` is conv(stride 2)-sigmoid, conv(stride 2)-sigmoid, conv(stride 1)-sigmoid with ``width`` channels;
+    ``fc`` maps the flattened ``width x (image_size/4)^2`` map to the logits. Smooth activations and no pooling
+    are what make it the easy case of gradient inversion.
+
+    Args:
+        in_channels: input channels.
+        num_classes: number of output logits.
+        image_size: side of the square input image (divisible by 4).
+        width: channels of every conv.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 8, image_size: int = 32, width: int = 12) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"image_size must be divisible by 4, got {image_size}")
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, width, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=2),
+            nn.Sigmoid(),
+            nn.Conv2d(width, width, 5, padding=2, stride=1),
+            nn.Sigmoid(),
+        )
+        self.fc = nn.Linear(width * (image_size // 4) ** 2, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+class ConvNetPool(nn.Module):
+    """A small ReLU CNN: 3x3 conv-ReLU-maxpool blocks, flatten, one linear layer.
+
+    Args:
+        in_channels: input channels.
+        channels: output channels of the conv blocks (each halves the image side).
+        num_classes: number of output logits.
+        image_size: side of the square input image (divisible by ``2 ** len(channels)``).
+    """
+
+    def __init__(
+        self, in_channels: int = 3, channels: Sequence[int] = (16, 32, 32), num_classes: int = 8, image_size: int = 32
+    ) -> None:
+        super().__init__()
+        if image_size % 2 ** len(channels):
+            raise ValueError(f"image_size must be divisible by {2 ** len(channels)}, got {image_size}")
+        layers: list[nn.Module] = []
+        width = in_channels
+        for c in channels:
+            layers += [nn.Conv2d(width, c, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            width = c
+        self.features = nn.Sequential(*layers)
+        side = image_size // 2 ** len(channels)
+        self.fc = nn.Linear(width * side * side, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
 
 
 def mean_pool(token_embeddings: Tensor, attention_mask: Tensor) -> Tensor:

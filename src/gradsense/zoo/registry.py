@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from gradsense.zoo.models import DigitsCNN, TabularMLP, TinyViT
+from gradsense.zoo.models import ConvNetPool, DigitsCNN, LeNetZhu, TabularMLP, TinyViT
 
 __all__ = ["HF_MODELS", "MODELS", "WEIGHTS_DIR", "ModelSpec", "TrainConfig", "normalize_name", "spec"]
 
@@ -104,6 +104,12 @@ MODELS: dict[str, ModelSpec] = {
             label_smoothing=0.1,
         ),
     ),
+    # photo crops (issue 14): the DLG paper's sigmoid LeNet and a ReLU CNN with pooling
+    "photos-lenet": ModelSpec(name="photos-lenet", cls=LeNetZhu, kwargs={"in_channels": 3, "num_classes": 8},
+                              dataset="photos", train=TrainConfig(epochs=60, batch_size=32, lr=3e-3, warmup_epochs=2)),
+    "photos-cnn": ModelSpec(name="photos-cnn", cls=ConvNetPool, kwargs={"in_channels": 3, "num_classes": 8},
+                            dataset="photos", train=TrainConfig(epochs=40, batch_size=32, lr=3e-3, weight_decay=1e-2,
+                                                                warmup_epochs=2, shift=2)),
 }
 
 

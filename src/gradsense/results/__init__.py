@@ -29,3 +29,7 @@ from gradsense.results.importance import BitsResult, ImportanceResult, PruneResu
 
 __all__ += ["BitsResult", "CurveResult", "GlobalSensitivityResult", "ImportanceResult", "MethodTable", "MetricResult",
             "PruneResult", "RandomizationResult", "SweepResult", "TaylorResult"]
+
+from gradsense.results.monitor import Alarm, MonitorResult  # noqa: E402
+
+__all__ += ["Alarm", "MonitorResult"]

@@ -152,6 +152,7 @@ class Monitor:
         alarm_floor: Minimum standard deviation of the log values (0.1 = 10%).
         gns_window: Steps of per-step noise estimates averaged before dividing (``gns``, ``gns_stderr``).
         compact_every: Steps per safetensors shard of the log.
+        curvature_hvp: Hessian-vector products per curvature estimate (top eigenvalue, trace) on a due step.
         max_memory: Budget for per-example work (bytes or e.g. ``"1GB"``).
         resume: Append to an existing log in ``log_dir`` (steps continue after its last one).
         seed: Seed of the monitor's own random numbers (curvature probes); the global RNG is never used.
@@ -194,6 +195,7 @@ class Monitor:
         alarm_floor: float = 0.1,
         gns_window: int = 50,
         compact_every: int = 1000,
+        curvature_hvp: int = 100,
         max_memory: int | str | None = None,
         resume: bool = False,
         seed: int = 0,
@@ -218,6 +220,7 @@ class Monitor:
         check_positive_int(alarm_warmup, "alarm_warmup", minimum=0)
         check_positive_int(gns_window, "gns_window")
         check_positive_int(compact_every, "compact_every")
+        self.curvature_hvp = check_positive_int(curvature_hvp, "curvature_hvp", minimum=8)
         check_positive_int(seed, "seed", minimum=0)
         if "curvature" in self.schedule:
             if held_out is None or loss_fn is None:
@@ -724,6 +727,9 @@ class Monitor:
     def _prepare_step(self) -> None:
         """Attach the hooks the coming step needs (per-example capture, micro-batch gradients, attention)."""
         step = self._step
+        for h in self._micro_handles:
+            h.remove()
+        self._micro_handles = []
         gns = self._pe is not None and self._due("gns", step)
         if gns:
             assert self._pe is not None
@@ -959,12 +965,17 @@ class Monitor:
 
         assert self.loss_fn is not None
         devices = sorted({p.device.index or 0 for p in self.params if p.device.type == "cuda"})
-        with self._paused(), torch.random.fork_rng(devices=devices), preserve_model(self.root, eval_mode=True):
-            seed = (self.seed * 1_000_003 + step) % (2**62)
+        seed = (self.seed * 1_000_003 + step) % (2**62)
+        with self._paused(), torch.random.fork_rng(devices=devices), preserve_model(self.root, eval_mode=True), \
+                warnings.catch_warnings():
+            # a fixed budget of products per due step; the residual and the standard error are recorded instead
+            warnings.simplefilter("ignore", RuntimeWarning)
             eig = hessian_eigs(self.root, self.loss_fn, self.held_out, k=1, tol=1e-2, seed=seed,
-                               return_vectors=False, overlap=False, max_hvp=200)
-            tr = hessian_trace(self.root, self.loss_fn, self.held_out, rtol=0.05, seed=seed, max_hvp=400)
+                               return_vectors=False, overlap=False, max_hvp=self.curvature_hvp)
+            tr = hessian_trace(self.root, self.loss_fn, self.held_out, rtol=0.05, seed=seed,
+                               max_hvp=self.curvature_hvp)
         row["curvature/top_eig"] = float(eig.eigenvalues[0])
+        row["curvature/top_eig_residual"] = float(eig.residuals[0])
         row["curvature/trace"] = tr.value
         row["curvature/trace_stderr"] = tr.stderr
 

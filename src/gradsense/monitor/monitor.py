@@ -144,12 +144,14 @@ class Monitor:
             HF and Lightning do).
         loss_fn: ``(output, labels) -> scalar`` for curvature on ``held_out``.
         held_out: ``(inputs, labels)`` (or a Dataset/DataLoader) for curvature.
-        alarm_threshold: z-score above which a per-layer norm or the loss is a spike (default 6: a value more
-            than 6 running standard deviations above its running mean in log scale, see
-            :class:`~gradsense.monitor.stats.SpikeDetector`).
+        alarm_threshold: z-score above which a per-layer norm or the loss is a spike (default 6: a log value more
+            than 6 running standard deviations above its prediction from the running level and trend, see
+            :class:`~gradsense.monitor.stats.SpikeDetector`). With the default floor, no series alarms on a
+            one-step jump below ``exp(6 * 0.2) = 3.3`` times its predicted value; 4 clean 1000-step runs of the
+            bundled digits CNN reached at most z = 5.3.
         alarm_warmup: Steps before alarms may be raised.
-        alarm_decay: Memory of the running statistics (0.98: about 50 steps).
-        alarm_floor: Minimum standard deviation of the log values (0.1 = 10%).
+        alarm_decay: Memory of the residual variance (0.98: about 50 steps).
+        alarm_floor: Minimum standard deviation of the log values (0.2 = 20%).
         gns_window: Steps of per-step noise estimates averaged before dividing (``gns``, ``gns_stderr``).
         compact_every: Steps per safetensors shard of the log.
         curvature_hvp: Hessian-vector products per curvature estimate (top eigenvalue, trace) on a due step.
@@ -192,7 +194,7 @@ class Monitor:
         alarm_threshold: float = 6.0,
         alarm_warmup: int = 50,
         alarm_decay: float = 0.98,
-        alarm_floor: float = 0.1,
+        alarm_floor: float = 0.2,
         gns_window: int = 50,
         compact_every: int = 1000,
         curvature_hvp: int = 100,

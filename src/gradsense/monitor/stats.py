@@ -6,8 +6,8 @@
 - :func:`ratio_of_means`: the noise scale ``B_simple = tr(Sigma) / |G|^2`` over a window of steps with its
   standard error (delta method), the way McCandlish et al. and nanoGNS smooth numerator and denominator
   separately before dividing.
-- :class:`SpikeDetector`: per-series exponentially weighted mean and variance of ``log`` values and the
-  z-score of each new value against them.
+- :class:`SpikeDetector`: per-series running level, trend and residual variance of ``log`` values and the
+  z-score of each new value against its prediction.
 - :func:`gram_cosines`: pairwise cosines of several objectives' gradients, globally and per group.
 """
 
@@ -85,41 +85,38 @@ def ratio_of_means(num: np.ndarray, den: np.ndarray) -> tuple[float, float]:
 
 
 class SpikeDetector:
-    """Exponentially weighted mean and variance of ``log(value)`` per series, and the z-score of new values.
+    """Running level, trend and residual variance of ``log(value)`` per series, and the z-score of new values.
 
-    For each series the detector keeps ``m`` and ``v``, the exponentially weighted mean and variance of the log
-    values seen so far (weight ``1 - decay`` on the newest; with ``decay=0.98`` the memory is ~50 steps). A new
-    value ``x`` scores
+    For each series the detector keeps a level ``l`` and a trend ``b`` of the log values (Holt's linear
+    exponential smoothing: a steady warm-up or decay of a norm is followed, not flagged) and ``v``, the
+    exponentially weighted mean of squared one-step prediction residuals. A new value ``x`` scores
 
-        z = (log x - m) / sqrt(v + floor^2),
+        z = (log x - (l + b)) / sqrt(v + floor^2),
 
-    a robust relative measure: ``floor`` (in log units, 0.1 = 10%) keeps a series that barely moves from
-    alarming on a small change. An alarm is a value with ``z > threshold`` after ``warmup`` values of that series;
-    its log value enters the statistics clipped to ``m + threshold * sqrt(v + floor^2)``, so a spike does not
-    hide the next one. Values that are not positive and finite are skipped (they are reported elsewhere).
+    the distance from the predicted log value in running standard deviations; ``floor`` (log units, 0.1 = 10%)
+    keeps a series that barely moves from alarming on a small change. An alarm is a value with ``z > threshold``
+    after ``warmup`` values of that series; it enters the statistics clipped to the prediction plus ``threshold``
+    standard deviations, so one spike neither hides the next nor drags the level. Values that are not positive and
+    finite are skipped (non-finite gradients are reported by name elsewhere).
 
     Args:
         n: Number of series.
         threshold: z above which a value is a spike.
-        decay: Weight of the past in the running statistics.
+        decay: Weight of the past in the residual variance (0.98: about 50 steps).
         warmup: Values per series before alarms may be raised.
         floor: Minimum standard deviation in log units.
+        level: Smoothing of the level (weight of the newest residual).
+        trend: Smoothing of the trend (weight of the level change).
     """
 
     def __init__(self, n: int, *, threshold: float = 6.0, decay: float = 0.98, warmup: int = 50,
-                 floor: float = 0.1) -> None:
+                 floor: float = 0.2, level: float = 0.1, trend: float = 0.1) -> None:
         self.threshold, self.decay, self.warmup, self.floor = float(threshold), float(decay), int(warmup), float(floor)
-        self.mean = np.zeros(n)
+        self.alpha, self.beta = float(level), float(trend)
+        self.level = np.zeros(n)
+        self.trend = np.zeros(n)
         self.var = np.zeros(n)
         self.count = np.zeros(n, dtype=np.int64)
-
-    def resize(self, n: int) -> None:
-        """Grow to ``n`` series (new series start empty)."""
-        extra = n - self.mean.size
-        if extra > 0:
-            self.mean = np.concatenate([self.mean, np.zeros(extra)])
-            self.var = np.concatenate([self.var, np.zeros(extra)])
-            self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
 
     def update(self, values: np.ndarray) -> np.ndarray:
         """Score ``values`` (one per series), then add them to the statistics.
@@ -130,18 +127,18 @@ class SpikeDetector:
         x = np.asarray(values, dtype=np.float64)
         ok = np.isfinite(x) & (x > 0)
         logx = np.where(ok, np.log(np.where(ok, x, 1.0)), 0.0)
+        pred = self.level + self.trend
         sd = np.sqrt(self.var + self.floor**2)
-        z = np.where(ok & (self.count >= self.warmup), (logx - self.mean) / sd, np.nan)
-        # clip spikes before they enter the statistics
-        upper = self.mean + self.threshold * sd
-        logx = np.where((self.count >= self.warmup) & (logx > upper), upper, logx)
+        warm = self.count >= self.warmup
+        z = np.where(ok & warm, (logx - pred) / sd, np.nan)
+        clipped = np.where(warm, np.minimum(logx, pred + self.threshold * sd), logx)
+        resid = clipped - pred
         first = ok & (self.count == 0)
         rest = ok & (self.count > 0)
-        self.mean = np.where(first, logx, self.mean)
-        diff = logx - self.mean
-        incr = (1.0 - self.decay) * diff
-        self.mean = np.where(rest, self.mean + incr, self.mean)
-        self.var = np.where(rest, self.decay * (self.var + diff * incr), self.var)
+        new_level = pred + self.alpha * resid
+        self.trend = np.where(rest, self.trend + self.beta * (new_level - self.level - self.trend), self.trend)
+        self.level = np.where(first, logx, np.where(rest, new_level, self.level))
+        self.var = np.where(rest, self.decay * self.var + (1.0 - self.decay) * resid**2, self.var)
         self.count = self.count + ok
         return z
 

@@ -58,21 +58,18 @@ def digits_run(steps, *, seed=0, grad_spike=None, lr_jump=None, quantities="chea
 
 
 def test_injected_spikes_are_located():
-    res = digits_run(200, grad_spike=(120, "features.3.weight", 50.0), lr_jump=(160, "head.2", 40.0))
+    res = digits_run(130, grad_spike=(90, "features.3.weight", 50.0), lr_jump=(115, "head.2", 40.0))
     found = {(a.step, a.kind, a.layer) for a in res.alarms}
-    assert (120, "grad_spike", "features.3") in found
-    assert (160, "update_spike", "head.2") in found
+    assert (90, "grad_spike", "features.3") in found
+    assert (115, "update_spike", "head.2") in found
+    # the other 128 steps are clean: no alarm there (the 1000-step clean runs are marked slow)
     layer_alarms = {(a.step, a.layer) for a in res.alarms if a.kind != "loss_spike"}
-    assert layer_alarms <= {(120, "features.3"), (160, "head.2")}, layer_alarms
+    assert layer_alarms <= {(90, "features.3"), (115, "head.2")}, layer_alarms
     for a in res.alarms:
         if a.kind == "loss_spike":
-            assert 120 <= a.step <= 125 or 160 <= a.step <= 165
-            assert a.layers[0] == ("features.3" if a.step < 160 else "head.2")
+            assert 90 <= a.step <= 95 or 115 <= a.step <= 120
+            assert a.layers[0] == ("features.3" if a.step < 115 else "head.2")
         assert a.threshold == 6.0 and (a.kind == "nonfinite_grad" or a.zscore > 6.0)
-
-
-def test_clean_run_raises_no_alarm_short():
-    assert digits_run(300).alarms == []
 
 
 @pytest.mark.slow

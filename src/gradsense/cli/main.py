@@ -12,6 +12,7 @@ from gradsense.cli.evaluate import evaluate_cmd
 from gradsense.cli.hessian import hessian_cmd
 from gradsense.cli.importance import importance_cmd
 from gradsense.cli.landscape import landscape_cmd
+from gradsense.cli.monitor import monitor_cmd
 
 EPILOG = """\b
 Examples:
@@ -23,6 +24,7 @@ Examples:
   gradsense hessian --model zoo:digits-cnn --dataset digits --per layer --out runs/hessian
   gradsense importance --model zoo:digits-cnn --dataset digits --method taylor --sparsity 0.5 --out runs/imp
   gradsense landscape --model zoo:digits-cnn --dataset digits --steps 21 --out runs/landscape
+  gradsense monitor runs/train                 # report of a monitored training run (also while it runs)
 """
 
 
@@ -42,6 +44,7 @@ cli.add_command(evaluate_cmd)
 cli.add_command(hessian_cmd)
 cli.add_command(importance_cmd)
 cli.add_command(landscape_cmd)
+cli.add_command(monitor_cmd)
 
 
 def main() -> None:

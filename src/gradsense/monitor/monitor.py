@@ -347,10 +347,11 @@ class Monitor:
         self._gns2_hist: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=gns_window)
         self._z_hist: deque[tuple[int, np.ndarray]] = deque(maxlen=6)
         self._spikes: SpikeDetector | None = None
+        self._loss_spikes: SpikeDetector | None = None
         if "alarms" in q:
-            n_series = 2 * len(self._module_groups) + 1
-            self._spikes = SpikeDetector(n_series, threshold=alarm_threshold, decay=alarm_decay, warmup=alarm_warmup,
-                                         floor=alarm_floor)
+            opts = {"threshold": alarm_threshold, "decay": alarm_decay, "warmup": alarm_warmup, "floor": alarm_floor}
+            self._spikes = SpikeDetector(2 * len(self._module_groups), **opts)
+            self._loss_spikes = SpikeDetector(1, **opts)
         self.alarm_threshold = float(alarm_threshold)
         self._pe: PerExampleNorms | None = None
         if "gns" in q:
@@ -810,19 +811,43 @@ class Monitor:
                 core[start:start + g] = np.where(grp[2] > 0, grp[3] / grp[2], np.nan)
         alarms = [Alarm(step, "nonfinite_grad", n, math.nan) for n in self._nonfinite]
         self._scheduled(step, row, bw)
-        reduced = None
-        if self.world_size > 1 and "loss" in q:
-            # the ranks' losses are averaged here, where every rank takes part (losses logged after the step are
-            # this rank's own)
-            local = torch.stack([v.to(torch.float64).cpu() for v in self._losses]).mean() if self._losses else None
-            buf = torch.tensor([0.0 if local is None else float(local), 0.0 if local is None else 1.0],
-                               dtype=torch.float64, device=self.device)
-            buf = all_reduce_sum(buf)
-            reduced = float(buf[0] / buf[1]) if float(buf[1]) > 0 else None
-            self._losses = []
-        self._pending = {"step": step, "core": core, "extras": {**self._extras, **row}, "losses": self._losses,
-                         "loss": reduced, "alarms": alarms, "grp": grp}
+        loss = math.nan
+        if "loss" in q:
+            local = float(torch.stack([v.to(torch.float64).cpu() for v in self._losses]).mean()) if self._losses \
+                else math.nan
+            if self.world_size > 1:
+                # the ranks' losses are averaged here, where every rank takes part (a loss logged after the step is
+                # this rank's own)
+                buf = torch.tensor([0.0 if math.isnan(local) else local, 0.0 if math.isnan(local) else 1.0],
+                                   dtype=torch.float64, device=self.device)
+                buf = all_reduce_sum(buf)
+                local = float(buf[0] / buf[1]) if float(buf[1]) > 0 else math.nan
+            loss = local
+            core[c["loss"]] = loss
+        values = {**self._extras, **row}
         self._losses, self._extras = [], {}
+        if self._spikes is not None:
+            alarms += self._norm_alarms(step, grp)
+            if not math.isnan(loss):
+                alarms += self._loss_alarms(step, loss)
+        full = self._emit(step, core, values, alarms)
+        # the step is on disk now; a loss or scalars logged before the next forward are added to it (a patch line)
+        self._pending = {"step": step, "row": full, "losses": [], "extras": {}, "has_loss": not math.isnan(loss)}
+
+    def _emit(self, step: int, core: np.ndarray, values: Mapping[str, Any], alarms: list[Alarm]) -> np.ndarray:
+        """The step's row in memory and in the log (written and flushed now)."""
+        vals = {k: (float(v) if not isinstance(v, Tensor) else float(v.to(torch.float64).cpu())) for k, v in values.items()}
+        for k in vals:
+            self._column(k)
+        row = np.full(len(self.columns), np.nan)
+        row[: core.size] = core
+        for k, v in vals.items():
+            row[self._col[k]] = v
+        self._alarms.extend(alarms)
+        self._rows.append((step, row))
+        if self._log is not None:
+            self._log.append(step, self.columns, row, [a.to_json() for a in alarms])
+        return row
 
     def _scheduled(self, step: int, row: dict[str, Any], bw: Tensor) -> None:
         """Per-example statistics, rotation, attention entropy, curvature on their schedules."""
@@ -997,43 +1022,45 @@ class Monitor:
 
     # ---------------------------------------------------------------------------- finalising a step
     def _finalize(self) -> None:
-        """Write the pending step: its loss, alarms, the in-memory row, the log line and TensorBoard."""
+        """Close the last step: add a loss or scalars logged after it (patching the log), write TensorBoard."""
         pend = self._pending
         if pend is None:
             return
         self._pending = None
-        step = pend["step"]
-        core = pend["core"]
-        extras: dict[str, Any] = pend["extras"]
-        loss = math.nan if pend.get("loss") is None else pend["loss"]
-        if pend["losses"]:
+        step, row = pend["step"], pend["row"]
+        patch: dict[str, float] = {}
+        alarms: list[Alarm] = []
+        if pend["losses"] and "loss" in self._col:
             loss = float(torch.stack([v.to(torch.float64).cpu() for v in pend["losses"]]).mean())
-        if "loss" in self._col:
-            core[self._col["loss"]] = loss
-        values = {k: (float(v) if not isinstance(v, Tensor) else float(v.to(torch.float64).cpu()))
-                  for k, v in extras.items()}
-        for k in values:
-            self._column(k)
-        row = np.full(len(self.columns), np.nan)
-        row[: core.size] = core
-        for k, v in values.items():
-            row[self._col[k]] = v
-        alarms = list(pend["alarms"])
-        if self._spikes is not None:
-            alarms += self._spike_alarms(step, pend["grp"], loss)
-        self._alarms.extend(alarms)
-        self._rows.append((step, row))
-        if self._log is not None:
-            self._log.append(step, self.columns, row, [a.to_json() for a in alarms])
+            patch["loss"] = loss
+            if self._spikes is not None and not pend["has_loss"]:
+                alarms = self._loss_alarms(step, loss)
+        for k, v in pend["extras"].items():
+            patch[k] = float(v) if not isinstance(v, Tensor) else float(v.to(torch.float64).cpu())
+        if patch or alarms:
+            for k in patch:
+                self._column(k)
+            if row.size < len(self.columns):
+                grown = np.full(len(self.columns), np.nan)
+                grown[: row.size] = row
+                row = grown
+                for i, (s_, _) in enumerate(self._rows):
+                    if s_ == step:
+                        self._rows[i] = (step, row)
+            for k, v in patch.items():
+                row[self._col[k]] = v
+            self._alarms.extend(alarms)
+            if self._log is not None:
+                self._log.patch(step, self.columns, patch, [a.to_json() for a in alarms])
         if self._tb is not None:
             self._tb.write(step, self.columns, row)
 
-    def _spike_alarms(self, step: int, grp: np.ndarray, loss: float) -> list[Alarm]:
+    def _norm_alarms(self, step: int, grp: np.ndarray) -> list[Alarm]:
         assert self._spikes is not None
         mods = self._module_groups
         grad = grp[0][mods] if "grad_norm" in self.schedule else np.full(len(mods), np.nan)
         upd = grp[3][mods] if "update" in self.schedule else np.full(len(mods), np.nan)
-        z = self._spikes.update(np.concatenate([grad, upd, [loss]]))
+        z = self._spikes.update(np.concatenate([grad, upd]))
         m = len(mods)
         thr = self.alarm_threshold
         out = []
@@ -1043,9 +1070,15 @@ class Monitor:
             if z[m + k] > thr:
                 out.append(Alarm(step, "update_spike", self.groups[mods[k]], float(upd[k]), thr, float(z[m + k])))
         self._z_hist.append((step, np.fmax(z[:m], z[m:2 * m])))
-        if z[-1] > thr:
-            out.append(Alarm(step, "loss_spike", "", loss, thr, float(z[-1]), self._moved_first(thr / 2)))
         return out
+
+    def _loss_alarms(self, step: int, loss: float) -> list[Alarm]:
+        assert self._loss_spikes is not None
+        z = float(self._loss_spikes.update(np.array([loss]))[0])
+        thr = self.alarm_threshold
+        if z > thr:
+            return [Alarm(step, "loss_spike", "", loss, thr, z, self._moved_first(thr / 2))]
+        return []
 
     def _moved_first(self, level: float) -> tuple[str, ...]:
         """Layers whose gradient or update norm z-score passed ``level`` in the last steps, earliest first."""

@@ -10,10 +10,11 @@ raised. It saves and loads like every result, and :meth:`MonitorResult.read` rea
 - ``shard-NNNNNN.safetensors`` - compacted steps: ``steps`` ``(T,)`` and ``values`` ``(T, C)`` float64, the
   column names and alarms in the file's metadata; written to a temporary name and renamed;
 - ``live-NNNNNN.jsonl`` - append-only, one JSON line per completed step (``{"s": step, "v": [...]}``, alarms in
-  ``"a"``; a ``{"columns": [...]}`` line names the values of the lines after it). A line is written whole with
-  one ``write`` and flushed when its step completes, so a process killed at any moment (``kill -9``) leaves
-  every completed step readable; a torn last line is ignored. Non-finite values are written as the ``NaN`` /
-  ``Infinity`` literals of Python's ``json``.
+  ``"a"``; a ``{"columns": [...]}`` line names the values of the lines after it; ``{"s": step, "p": {name:
+  value}}`` adds values to the step before it, such as a loss logged after ``optimizer.step()``). A line is
+  written whole with one ``write`` and flushed when its step completes, so a process killed at any moment
+  (``kill -9``) leaves every completed step readable; a torn last line is ignored. Non-finite values are
+  written as the ``NaN`` / ``Infinity`` literals of Python's ``json``.
 
 Compaction writes a shard, then a manifest naming the shard and a new live segment, then deletes the old
 segment: a crash in between leaves the old manifest, whose segment still holds those steps. No file that is
@@ -163,25 +164,53 @@ class MonitorLog:
         """
         if self._fh is None:
             raise ValueError("the monitor log is closed.")
+        if len(self._rows) >= self.compact_every:
+            self.compact()  # before the new row: the last row may still receive a patch
+        v = np.asarray(values, dtype=np.float64)
+        rec: dict[str, Any] = {"s": int(step), "v": v.tolist()}
+        if alarms:
+            rec["a"] = [dict(a) for a in alarms]
+        self._write(columns, rec)
+        self._rows_steps.append(int(step))
+        self._rows.append(v)
+        self._row_alarms.extend(dict(a) for a in alarms)
+        self.last_step = int(step)
+
+    def patch(self, step: int, columns: Sequence[str], values: Mapping[str, float],
+              alarms: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Add values (and alarms) to the last appended step, e.g. a loss logged after the optimizer step.
+
+        Raises:
+            ValueError: ``step`` is not the last appended step, or the log is closed.
+        """
+        if self._fh is None:
+            raise ValueError("the monitor log is closed.")
+        if not self._rows_steps or self._rows_steps[-1] != int(step):
+            raise ValueError(f"patch: step {step} is not the last step appended to the log.")
+        rec: dict[str, Any] = {"s": int(step), "p": {k: float(v) for k, v in values.items()}}
+        if alarms:
+            rec["a"] = [dict(a) for a in alarms]
+        self._write(columns, rec)
+        row = self._rows[-1]
+        if row.size < len(self._columns):
+            row = np.concatenate([row, np.full(len(self._columns) - row.size, np.nan)])
+        for k, v in values.items():
+            row[self._columns.index(k)] = float(v)
+        self._rows[-1] = row
+        self._row_alarms.extend(dict(a) for a in alarms)
+
+    def _write(self, columns: Sequence[str], rec: Mapping[str, Any]) -> None:
+        """One whole write of the line(s), flushed: a reader sees a step entirely or not at all."""
+        assert self._fh is not None
         if len(columns) != len(self._columns):
             self._columns = list(columns)
         lines = []
         if self._written_columns != len(self._columns):
             lines.append(json.dumps({"columns": self._columns}))
             self._written_columns = len(self._columns)
-        v = np.asarray(values, dtype=np.float64)
-        rec: dict[str, Any] = {"s": int(step), "v": v.tolist()}
-        if alarms:
-            rec["a"] = [dict(a) for a in alarms]
         lines.append(json.dumps(rec))
         self._fh.write("\n".join(lines) + "\n")
         self._fh.flush()
-        self._rows_steps.append(int(step))
-        self._rows.append(v)
-        self._row_alarms.extend(dict(a) for a in alarms)
-        self.last_step = int(step)
-        if len(self._rows) >= self.compact_every:
-            self.compact()
 
     def compact(self) -> None:
         """Move the live steps into a new shard (shard, then manifest, then delete the old segment)."""
@@ -363,10 +392,18 @@ def _read_segment(segment: Path) -> tuple[list[int], list[list[str]], list[list[
         if "columns" in rec:
             columns = list(rec["columns"])
             continue
+        alarms.extend(rec.get("a", []))
+        if "p" in rec:  # values added to the last step
+            if not steps or steps[-1] != int(rec["s"]):
+                raise ValueError(f"{segment}, line {i + 1}: a patch of step {rec['s']} that is not the last step.")
+            row = rows[-1] + [math.nan] * (len(columns) - len(rows[-1]))
+            for k, v in rec["p"].items():
+                row[columns.index(k)] = float(v)
+            rows[-1], cols_per_row[-1] = row, columns
+            continue
         steps.append(int(rec["s"]))
         rows.append([math.nan if v is None else float(v) for v in rec["v"]])
         cols_per_row.append(columns)
-        alarms.extend(rec.get("a", []))
     return steps, cols_per_row, rows, alarms
 
 

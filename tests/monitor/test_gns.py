@@ -107,3 +107,20 @@ def test_two_batch_and_per_example_estimators_unbiased_on_a_quadratic():
         assert abs(ratio - true_tr / true_gsq) < 4 * se, (prefix, ratio, true_tr / true_gsq, se)
         assert se < 0.5 * ratio  # the test has power: the error bar is not huge
     assert float(s["gns2/batch_small"][0]) == micro
+
+
+def test_objectives_in_the_same_step_do_not_disturb_per_example_norms():
+    x, y = torch.randn(8, 5, dtype=torch.float64), torch.randint(0, 3, (8,))
+    values = []
+    for with_objectives in (False, True):
+        model = mlp(width=6)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with Monitor(model, opt, quantities={"gns": 1, "conflict": 1}) as mon:
+            out = model(x)
+            la, lb = F.cross_entropy(out[:4], y[:4]), F.cross_entropy(out[4:], y[4:])
+            if with_objectives:
+                mon.objectives(a=la, b=lb)  # two extra backward passes through the same graph
+            (0.5 * (la + lb)).backward()
+            opt.step()
+        values.append(float(mon.result().scalars["gns/trace"][0]))
+    assert values[0] == values[1]

@@ -523,6 +523,8 @@ class PerExampleNorms:
             group.pending += 1
 
             def on_grads(grads: Any, call: _Call = call, key: tuple[str, int] = key) -> None:
+                if self._busy:  # a backward of our own caller's measurements (e.g. torch.autograd.grad), not the step's
+                    return
                 call.grads = [None if g is None else g.detach() for g in grads]
                 call.done = True
                 grp = self._groups.get(key)

@@ -23,6 +23,8 @@ the sum of the elementwise product of two ``T x T`` Gram matrices (the trick of 
 - any other module with parameters of its own: ``torch.func.vmap`` of the module's vector-Jacobian product
   over the rows, with copies of its buffers and the global RNG state restored (a module that draws random
   numbers, e.g. Dropout in train mode inside it, is excluded and named in :attr:`PerExampleNorms.excluded`).
+  The module's ``forward`` is called directly, so its own hooks do not see this re-forward (hooks on its
+  submodules do).
 
 **Which rows are examples.** Row ``i`` of dimension 0 is example ``i`` (``dim 1`` for the inputs of a
 ``nn.MultiheadAttention(batch_first=False)``). Calls of a module within one forward of the root model are the
@@ -239,6 +241,7 @@ def _fallback(module: nn.Module, calls: list[_Call], b: int, budget: int | None,
     if not params:
         return {}
     buffers = {n: t.detach().clone() for n, t in module.named_buffers()}
+    bare = _Bare(module)
     total: dict[str, Tensor] | None = None
     numel = sum(p.numel() for p in params.values())
     for c in calls:
@@ -257,7 +260,8 @@ def _fallback(module: nn.Module, calls: list[_Call], b: int, budget: int | None,
             args = [_unsqueeze(v, module) for v in flat[:n_args]]
             kwargs = {k: _unsqueeze(v, module) for k, v in zip(kw_names, flat[n_args:n_args + len(kw_names)])}
             gs = flat[n_args + len(kw_names):]
-            out = functional_call(module, {**buffers, **p}, tuple(args), {**kwargs, **kw_static})
+            state = {f"inner.{k}": v for k, v in {**buffers, **p}.items()}
+            out = functional_call(bare, state, tuple(args), {**kwargs, **kw_static})
             outs = [o for o in _flat_tensors(out)][: len(gs)]
             return sum((o * _unsqueeze_out(gi, module, j)).sum() for j, (o, gi) in enumerate(zip(outs, gs)))
 
@@ -276,6 +280,17 @@ def _fallback(module: nn.Module, calls: list[_Call], b: int, budget: int | None,
         total = contrib if total is None else {n: total[n] + contrib[n] for n in total}
     assert total is not None
     return {n: v.to(torch.promote_types(v.dtype, torch.float32)).reshape(b, -1).square().sum(1) for n, v in total.items()}
+
+
+class _Bare(nn.Module):
+    """Calls ``inner.forward`` directly: the module's own hooks do not see the fallback's re-forward."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.inner).forward(self.inner, *args, **kwargs)
 
 
 def _take(v: Any, dim: int | None, sl: slice) -> Any:
@@ -511,8 +526,13 @@ class PerExampleNorms:
             bdim = _batch_dim(module, "input")
             first = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
             if not isinstance(first, Tensor) or first.ndim <= bdim or first.shape[bdim] != size:
-                got = "no tensor input" if not isinstance(first, Tensor) else f"shape {tuple(first.shape)}"
-                self._exclude(name, f"its input ({got}) does not have the batch of {size} examples in dimension {bdim}")
+                if isinstance(first, Tensor) and first.ndim > bdim and first.shape[bdim] == 1:
+                    why = (f"its input (shape {tuple(first.shape)}) is shared by the {size} examples, so its gradient "
+                           "is already summed over them (e.g. position embeddings broadcast over the batch)")
+                else:
+                    got = "no tensor input" if not isinstance(first, Tensor) else f"shape {tuple(first.shape)}"
+                    why = f"its input ({got}) does not have the batch of {size} examples in dimension {bdim}"
+                self._exclude(name, why)
                 return
             key = (name, fid)
             group = self._groups.get(key)

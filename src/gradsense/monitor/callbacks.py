@@ -5,7 +5,8 @@ starts and close it when training ends; the run is recorded exactly as in a plai
 hooks see the gradients after the trainer's clipping). The classes are built on first use so that importing
 :mod:`gradsense.monitor` does not import transformers or lightning.
 
-- HF: the loss is read from the model output's ``loss`` at every training forward; ``objectives=("loss_a",
+- HF: the loss is read from the model output's ``loss`` at every training forward and added up over the
+  step as the Trainer backpropagates it (what it logs as ``loss``); ``objectives=("loss_a",
   "loss_b")`` reads those entries of the model output (a dict or ``ModelOutput``) in the same forward hook and
   measures their conflict before the trainer's backward.
 - Lightning: the loss is the one passed to backward (``on_before_backward``, times ``accumulate_grad_batches``
@@ -19,6 +20,7 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradsense.monitor.monitor import Monitor
@@ -92,14 +94,34 @@ def hf_callback_class() -> type:
             self.objective_names = tuple(objectives)
             if len(self.objective_names) == 1:
                 raise ValueError("objectives needs at least two output names.")
-            self._hook: Any = None
+            self._hooks: list[Any] = []
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                            **kwargs: Any) -> None:
+            self.kwargs.setdefault("loss_from_output", False)  # the loss is read here, as the Trainer counts it
             self._start(model, optimizer)
+            assert self.monitor is not None
+            self._accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+            self._step_loss: list[Tensor] = []
+            self._hooks = [self.monitor.root.register_forward_hook(self._read_loss, with_kwargs=True)]
             if self.objective_names:
-                assert self.monitor is not None
-                self._hook = self.monitor.root.register_forward_hook(self._read_objectives)
+                self._hooks.append(self.monitor.root.register_forward_hook(self._read_objectives))
+
+        def _read_loss(self, module: Any, _args: Any, kwargs: dict, out: Any) -> None:
+            # the Trainer backpropagates output.loss as it is when the model was given num_items_in_batch (the loss
+            # is then already normalised over the whole step), else divided by the accumulation steps; the step's
+            # loss is the sum of what was backpropagated, as the Trainer itself logs it
+            if not module.training or not torch.is_grad_enabled():
+                return
+            loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", None)
+            if isinstance(loss, Tensor) and loss.ndim == 0:
+                scale = 1.0 if kwargs.get("num_items_in_batch") is not None else 1.0 / self._accumulation
+                self._step_loss.append(loss.detach() * scale)
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.monitor is not None and not self.monitor.closed and self._step_loss:
+                self.monitor.log(loss=torch.stack(self._step_loss).sum())
+            self._step_loss = []
 
         def _read_objectives(self, module: Any, _args: Any, out: Any) -> None:
             mon = self.monitor
@@ -116,9 +138,9 @@ def hf_callback_class() -> type:
                 mon.objectives(**losses)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if self._hook is not None:
-                self._hook.remove()
-                self._hook = None
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
             self._end()
 
     HFCallback.__module__ = "gradsense.monitor"
@@ -164,6 +186,10 @@ def lightning_callback_class() -> type:
             if len(optimizers) != 1:
                 raise ValueError(f"LightningCallback monitors one optimizer; this module has {len(optimizers)}.")
             self._start(pl_module, optimizers[0])
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            if self.monitor is not None and not self.monitor.closed:
+                self.monitor.flush()  # training_step may not call pl_module itself
 
         def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
             if self.monitor is None or self.monitor.closed:

@@ -157,6 +157,8 @@ class Monitor:
         curvature_hvp: Hessian-vector products per curvature estimate (top eigenvalue, trace) on a due step.
         max_memory: Budget for per-example work (bytes or e.g. ``"1GB"``).
         resume: Append to an existing log in ``log_dir`` (steps continue after its last one).
+        loss_from_output: Read the loss from the model output's ``loss`` (attribute or key) at each training forward
+            (averaged over the step's forwards).
         seed: Seed of the monitor's own random numbers (curvature probes); the global RNG is never used.
         name: Model name for the result's metadata.
 
@@ -200,6 +202,7 @@ class Monitor:
         curvature_hvp: int = 100,
         max_memory: int | str | None = None,
         resume: bool = False,
+        loss_from_output: bool = True,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -267,6 +270,7 @@ class Monitor:
                 raise ValueError(f"{log_dir} already holds a monitor log; use another log_dir, delete it, or pass "
                                  "resume=True to append to it.")
         self.loss_reduction = loss_reduction
+        self.loss_from_output = bool(loss_from_output)
         self.loss_fn, self.held_out = loss_fn, held_out
         self.max_memory = max_memory
         self.seed = seed
@@ -479,6 +483,14 @@ class Monitor:
             else:
                 (target["extras"] if target is not None else self._extras)[key] = value
 
+    def flush(self) -> None:
+        """Finish the last step now: a loss or scalars logged afterwards belong to the next step.
+
+        The monitor does this by itself at the model's next training forward; call it when training code does not
+        call the model passed to the monitor (a LightningModule whose ``training_step`` calls submodules).
+        """
+        self._finalize()
+
     def objectives(self, **losses: Tensor) -> None:
         """Measure the conflict between named losses' gradients at this step (call before ``backward()``).
 
@@ -535,7 +547,9 @@ class Monitor:
                             "mon.objectives(...) before backward().") from err
                     raise
                 grads.append([None if t is None else t.detach() for t in g])
-        if self.world_size > 1:
+        values = torch.stack([losses[n].detach().to(torch.float64) for n in names]).to(self.device)
+        if self.world_size > 1:  # the objectives of the global batch: the ranks' gradients and losses averaged
+            values = all_reduce_sum(values) / self.world_size
             for gs in grads:
                 for j, t in enumerate(gs):
                     buf = torch.zeros_like(self.params[j]) if t is None else t.clone()
@@ -544,9 +558,9 @@ class Monitor:
         norms = [float(_norms([t for t in gs if t is not None], self.device).square().sum().sqrt()) for gs in grads]
         del grads
         extras = self._extras if self._pending is None else self._pending["extras"]
-        total_np, per_np = total.cpu().numpy(), per.cpu().numpy()
+        total_np, per_np, loss_np = total.cpu().numpy(), per.cpu().numpy(), values.cpu().numpy()
         for i, a in enumerate(names):
-            extras[f"loss/{a}"] = float(losses[a].detach())
+            extras[f"loss/{a}"] = float(loss_np[i])
             extras[f"objective_grad_norm/{a}"] = norms[i]
             for j in range(i + 1, len(names)):
                 b = names[j]
@@ -578,7 +592,8 @@ class Monitor:
 
     # ============================================================================ hooks
     def _training_forward(self) -> bool:
-        return torch.is_grad_enabled() and self.root.training and not self._quiet
+        busy = self._pe is not None and self._pe._busy  # the per-example fallback re-running a module
+        return torch.is_grad_enabled() and self.root.training and not self._quiet and not busy
 
     def _on_forward_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._quiet or not torch.is_grad_enabled():
@@ -586,7 +601,7 @@ class Monitor:
         self._finalize()
 
     def _on_forward(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._quiet or not torch.is_grad_enabled() or "loss" not in self.schedule:
+        if self._quiet or not self.loss_from_output or not torch.is_grad_enabled() or "loss" not in self.schedule:
             return
         loss = _loss_from_output(out)
         if loss is not None:

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_model_unchanged, hooks_on
 from torch import nn
 
 import gradsense as gs
 from gradsense.monitor import Monitor
+from helpers import assert_model_unchanged, hooks_on
 
 
 class Mixed(nn.Module):

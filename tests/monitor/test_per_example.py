@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_model_unchanged
 from models import Siamese, TextModel, mlp, zoo_model
 from torch import nn
 
 from gradsense.core.per_example import PerExampleNorms, pair_sq_norms
+from helpers import assert_model_unchanged
 
 
 def loop_sq_norms(model, loss_fn, inputs, labels, scale):

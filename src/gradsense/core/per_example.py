@@ -91,6 +91,11 @@ def pair_sq_norms(a: Tensor, d: Tensor, *, max_memory: int | None = None) -> Ten
 
 
 # --------------------------------------------------------------------------------------- per-module rules
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` that does not copy a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def _rows(t: Tensor, b: int, bdim: int = 0) -> Tensor:
     """``t`` with the example dimension first, as ``(b, -1, last)``."""
     if bdim:
@@ -99,8 +104,8 @@ def _rows(t: Tensor, b: int, bdim: int = 0) -> Tensor:
 
 
 def _linear(module: nn.Linear, calls: list[_Call], b: int, budget: int | None) -> dict[str, Tensor]:
-    a = torch.cat([_rows(c.args[0].detach(), b) for c in calls], dim=1)
-    d = torch.cat([_rows(c.grads[0], b) for c in calls], dim=1)
+    a = _cat([_rows(c.args[0].detach(), b) for c in calls], dim=1)
+    d = _cat([_rows(c.grads[0], b) for c in calls], dim=1)
     out = {}
     if module.weight.requires_grad:
         out["weight"] = pair_sq_norms(a, d, max_memory=budget)
@@ -129,8 +134,8 @@ def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _conv(module: nn.Conv1d | nn.Conv2d, calls: list[_Call], b: int, budget: int | None) -> dict[str, Tensor]:
-    a = torch.cat([_conv_patches(module, c.args[0].detach()) for c in calls], dim=1)  # (B, L, C_in k)
-    d = torch.cat([c.grads[0].reshape(b, module.out_channels, -1).transpose(1, 2) for c in calls], dim=1)
+    a = _cat([_conv_patches(module, c.args[0].detach()) for c in calls], dim=1)  # (B, L, C_in k)
+    d = _cat([c.grads[0].reshape(b, module.out_channels, -1).transpose(1, 2) for c in calls], dim=1)
     out = {}
     if module.weight.requires_grad:
         g = module.groups
@@ -150,8 +155,8 @@ def _conv(module: nn.Conv1d | nn.Conv2d, calls: list[_Call], b: int, budget: int
 def _embedding(module: nn.Embedding, calls: list[_Call], b: int, budget: int | None) -> dict[str, Tensor]:
     if not module.weight.requires_grad:
         return {}
-    ids = torch.cat([c.args[0].reshape(b, -1) for c in calls], dim=1)
-    d = torch.cat([_rows(c.grads[0], b) for c in calls], dim=1)
+    ids = _cat([c.args[0].reshape(b, -1) for c in calls], dim=1)
+    d = _cat([_rows(c.grads[0], b) for c in calls], dim=1)
     dtype = torch.promote_types(d.dtype, torch.float32)
     d = d.to(dtype)
     if module.padding_idx is not None:
@@ -167,60 +172,47 @@ def _embedding(module: nn.Embedding, calls: list[_Call], b: int, budget: int | N
 
 
 def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, int]:
-    """``xhat`` as the module computes it, and the channel dimension (``-1`` for the trailing-dims norms)."""
+    """``xhat`` as the module computes it (fused torch kernels without affine parameters), and the channel
+    dimension (``-1`` for the norms over trailing dimensions)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     if isinstance(module, nn.LayerNorm):
-        dims = tuple(range(-len(module.normalized_shape), 0))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + module.eps), -1
+        return F.layer_norm(x, module.normalized_shape, None, None, module.eps), -1
     if isinstance(module, nn.GroupNorm):
-        shape = x.shape
-        g = x.reshape(shape[0], module.num_groups, -1)
-        mean = g.mean(-1, keepdim=True)
-        var = g.var(-1, unbiased=False, keepdim=True)
-        return ((g - mean) * torch.rsqrt(var + module.eps)).reshape(shape), 1
+        return F.group_norm(x, module.num_groups, None, None, module.eps), 1
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        dims = [0, *range(2, x.ndim)]
-        shape = [1, -1] + [1] * (x.ndim - 2)
-        if module.training or module.running_mean is None:
-            mean = x.mean(dims, keepdim=True)
-            var = x.var(dims, unbiased=False, keepdim=True)
-        else:
-            mean = module.running_mean.to(x.dtype).reshape(shape)
-            var = module.running_var.to(x.dtype).reshape(shape)
-        return (x - mean) * torch.rsqrt(var + module.eps), 1
-    # RMSNorm
-    dims = tuple(range(-len(module.normalized_shape), 0))
-    eps = module.eps if module.eps is not None else torch.finfo(x.dtype).eps
-    return x * torch.rsqrt(x.square().mean(dims, keepdim=True) + eps), -1
+        batch_stats = module.training or module.running_mean is None
+        mean = None if batch_stats else module.running_mean.to(x.dtype)
+        var = None if batch_stats else module.running_var.to(x.dtype)
+        return F.batch_norm(x, mean, var, None, None, batch_stats, 0.0, module.eps), 1
+    return F.rms_norm(x, module.normalized_shape, None, module.eps), -1
 
 
 def _norm(module: nn.Module, calls: list[_Call], b: int, budget: int | None) -> dict[str, Tensor]:
     w_sum: Tensor | None = None
     b_sum: Tensor | None = None
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    want_w = weight is not None and weight.requires_grad
+    want_b = bias is not None and bias.requires_grad
     for c in calls:
         xhat, cdim = _normalized(module, c.args[0].detach())
         d = c.grads[0].to(xhat.dtype)
-        if cdim == 1:  # (B, C, *) -> (B, *, C)
-            xhat, d = xhat.movedim(1, -1), d.movedim(1, -1)
-        if isinstance(module, (nn.LayerNorm,)) or (hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm)):
-            feat = tuple(module.normalized_shape)
-        else:
-            feat = (xhat.shape[-1],)
-        n_feat = math.prod(feat)
-        xw = (d * xhat).reshape(b, -1, n_feat).sum(1)
-        w_sum = xw if w_sum is None else w_sum + xw
-        bias = getattr(module, "bias", None)
-        if bias is not None and bias.requires_grad:
-            xb = d.reshape(b, -1, n_feat).sum(1)
+        if cdim == 1:  # (B, C, *): per-channel sums over the other dimensions
+            red = tuple(range(2, d.ndim))
+            xw = (d * xhat).sum(red) if want_w else None
+            xb = d.sum(red) if want_b else None
+        else:  # (B, ..., *normalized_shape)
+            n_feat = math.prod(module.normalized_shape)
+            xw = (d * xhat).reshape(b, -1, n_feat).sum(1) if want_w else None
+            xb = d.reshape(b, -1, n_feat).sum(1) if want_b else None
+        if xw is not None:
+            w_sum = xw if w_sum is None else w_sum + xw
+        if xb is not None:
             b_sum = xb if b_sum is None else b_sum + xb
     out = {}
-    weight = getattr(module, "weight", None)
-    if weight is not None and weight.requires_grad and w_sum is not None:
-        out["weight"] = w_sum.square().sum(1)
+    if w_sum is not None:
+        out["weight"] = w_sum.reshape(b, -1).square().sum(1)
     if b_sum is not None:
-        out["bias"] = b_sum.square().sum(1)
+        out["bias"] = b_sum.reshape(b, -1).square().sum(1)
     return out
 
 
@@ -588,7 +580,7 @@ class PerExampleNorms:
             else:
                 with torch.no_grad():
                     res = _RULES[rule](module, calls, group.size, self.max_memory)  # type: ignore[operator]
-        except Exception as err:  # noqa: BLE001 - reported: the module is excluded and named, training goes on
+        except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self._exclude(name, f"{rule} rule failed ({type(err).__name__}: {first[:160]})")
             return

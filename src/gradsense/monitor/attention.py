@@ -160,7 +160,7 @@ class AttentionProbe:
                     if kpm is not None and query.shape[0] == key.shape[0]:
                         valid = ~kpm if kpm.dtype == torch.bool else kpm == 0
                     self._add(name, *_entropy(w, valid))
-            except Exception as err:  # noqa: BLE001 - the module is named in .failed and skipped from then on
+            except Exception as err:
                 self._fail(name, err)
 
         return hook
@@ -213,7 +213,7 @@ class AttentionProbe:
                         if keys is not None and keys.shape[-1] == tq and keys.shape[0] == b:
                             valid = keys
                     self._add(name, *_entropy(torch.softmax(scores, dim=-1), valid))
-            except Exception as err:  # noqa: BLE001 - named in .failed
+            except Exception as err:
                 self._fail(name, err)
 
         return hook

@@ -297,7 +297,13 @@ class Monitor:
         assign = torch.zeros(len(self.params), len(groups), dtype=torch.float64)
         for g, rows in enumerate(index_rows):
             assign[rows, g] = 1.0
-        self._assign = assign.to(self.device)
+        # norms are accumulated in float32, or float64 where a parameter is float64; rows of one buffer hold the
+        # step's per-parameter norms: 0 gradient at the end of backward, 1 gradient used, 2 weight, 3 update
+        self._acc = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        self._one_device = len({p.device for p in self.params}) == 1
+        self._buf = torch.zeros(4, len(self.params), dtype=self._acc, device=self.device)
+        self._assign = assign.to(self.device, self._acc)
+        self._assign64 = assign.to(self.device)
         self._module_groups = [g for g in range(len(groups)) if groups[g] in self.layers]
         layer_index = {lay: i for i, lay in enumerate(self.layers)}
         self._param_layer = torch.tensor([layer_index[lay] for lay in layer_of])
@@ -325,15 +331,17 @@ class Monitor:
         self._handles: list[Any] = []
         self._bw_count = 0  # backwards since the last step
         self._bw_queued = False
-        self._bw_norms: Tensor | None = None
+        self._have_bw = False
         self._bw_grads: list[Tensor | None] | None = None
         self._bw_versions: list[int] | None = None
-        self._used_norms: Tensor | None = None
+
         self._used_modified = False
         self._nonfinite: list[str] = []
-        self._weight_norms: Tensor | None = None
+        self._used_grads: list[Tensor | None] | None = None
+
         self._snapshot: list[Tensor] | None = None
         self._snap_idx: list[int] = []
+        self._owned_key: tuple[int, ...] = ()
         self._recording = False
         self._losses: list[Tensor] = []
         self._extras: dict[str, float] = {}
@@ -408,7 +416,10 @@ class Monitor:
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_step_pre))
             self._handles.append(self.optimizer.register_step_post_hook(self._on_step_post))
         else:
-            from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+            from torch.optim.optimizer import (
+                register_optimizer_step_post_hook,
+                register_optimizer_step_pre_hook,
+            )
 
             self._handles.append(register_optimizer_step_pre_hook(self._on_any_step_pre))
             self._handles.append(register_optimizer_step_post_hook(self._on_any_step_post))
@@ -624,11 +635,8 @@ class Monitor:
         if not self._recording_step():
             return
         grads = [p.grad for p in self.params]
-        present = [i for i, g in enumerate(grads) if g is not None]
-        vec = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
-        if present:
-            vec[torch.tensor(present, device=self.device)] = _norms([grads[i] for i in present], self.device)
-        self._bw_norms = vec
+        self._fill(0, grads)
+        self._have_bw = True
         self._bw_grads = grads
         self._bw_versions = [g._version if g is not None else -1 for g in grads]
         if self._micro_grads:
@@ -665,11 +673,14 @@ class Monitor:
         self._recording = self._recording_step()
         if not self._recording:
             return None
-        owned = {id(p) for g in opt.param_groups for p in g["params"]}
-        self._snap_idx = [i for i, p in enumerate(self.params) if id(p) in owned]
+        key = tuple(id(p) for g in opt.param_groups for p in g["params"])
+        if key != self._owned_key:  # the optimizer's parameters changed (add_param_group)
+            owned = set(key)
+            self._owned_key = key
+            self._snap_idx = [i for i, p in enumerate(self.params) if id(p) in owned]
         if "update" in self.schedule or "weight_norm" in self.schedule:
             ps = [self.params[i].detach() for i in self._snap_idx]
-            self._weight_norms = self._scatter(_norms([p.detach() for p in self.params], self.device), None)
+            self._fill(2, [p.detach() for p in self.params])
             if "update" in self.schedule:
                 if self._snapshot is None or len(self._snapshot) != len(ps) or any(
                         s.shape != p.shape or s.dtype != p.dtype or s.device != p.device
@@ -690,34 +701,36 @@ class Monitor:
             return args, {**kwargs, "closure": wrapped}
         return (args[0], wrapped, *args[2:]), kwargs
 
-    def _scatter(self, values: Tensor, idx: list[int] | None) -> Tensor:
-        if idx is None:
-            return values
-        out = torch.zeros(len(self.params), dtype=torch.float64, device=self.device)
-        if idx:
-            out[torch.tensor(idx, device=self.device)] = values
-        return out
+    def _fill(self, row: int, tensors: Sequence[Tensor | None], index: Sequence[int] | None = None) -> None:
+        """Write the 2-norms of ``tensors`` (``None``: 0) into row ``row`` of the norm buffer, at the positions
+        ``index`` (default: one per parameter, in order)."""
+        out = self._buf[row]
+        complete = index is None or len(index) == len(self.params)
+        if complete and self._one_device and not any(t is None for t in tensors):
+            torch.stack(torch._foreach_norm(list(tensors), 2, dtype=self._acc), out=out)  # type: ignore[arg-type]
+            return
+        out.zero_()
+        pos = list(range(len(tensors))) if index is None else list(index)
+        keep = [(j, t) for j, t in zip(pos, tensors) if t is not None]
+        if keep:
+            idx = torch.tensor([j for j, _ in keep], device=self.device)
+            out[idx] = _norms([t for _, t in keep], self.device).to(self._acc)
 
     def _read_used_grads(self) -> None:
         """Norms of the gradients the optimizer is about to use (after clipping), and non-finite ones."""
         grads = [p.grad for p in self.params]
         same = self._bw_grads is not None and all(
             g is h and (g is None or g._version == v) for g, h, v in zip(grads, self._bw_grads, self._bw_versions or []))
-        if same and self._bw_norms is not None:
-            used = self._bw_norms
+        if same and self._have_bw:
+            self._buf[1].copy_(self._buf[0])
             self._used_modified = False
         else:
-            present = [i for i, g in enumerate(grads) if g is not None]
-            used = self._scatter(_norms([grads[i] for i in present], self.device), present)
-            self._used_modified = self._bw_norms is not None
-            if self._bw_norms is None:  # gradients set without a backward we saw
-                self._bw_norms = used
-        self._used_norms = used
-        self._nonfinite = []
-        if "grad_norm" in self.schedule and not bool(torch.isfinite(used).all()):
-            bad = (~torch.isfinite(used)).nonzero().flatten().tolist()
-            self._nonfinite = [self.param_names[i] for i in bad if grads[i] is not None
-                               and not bool(torch.isfinite(grads[i]).all())]
+            self._fill(1, grads)
+            self._used_modified = self._have_bw
+            if not self._have_bw:  # gradients set without a backward we saw
+                self._buf[0].copy_(self._buf[1])
+                self._have_bw = True
+        self._used_grads = grads  # non-finite ones are named in _record, where the norms reach the host anyway
 
     def _on_step_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self._quiet:
@@ -729,8 +742,8 @@ class Monitor:
         finally:
             self._step += 1
             self._bw_count = 0
-            self._bw_norms = self._bw_grads = self._bw_versions = None
-            self._used_norms = self._weight_norms = None
+            self._bw_grads = self._bw_versions = self._used_grads = None
+            self._have_bw = False
             self._micro, self._micro_grads, self._micro_mark = [], {}, 0
             self._prepare_step()
 
@@ -782,23 +795,26 @@ class Monitor:
 
     def _record(self, step: int) -> None:
         q = self.schedule
-        p = len(self.params)
-        dev = self.device
-        zeros = torch.zeros(p, dtype=torch.float64, device=dev)
-        bw = self._bw_norms if self._bw_norms is not None else zeros
-        used = self._used_norms if self._used_norms is not None else bw
-        wn = self._weight_norms if self._weight_norms is not None else zeros
-        un = zeros
+        if not self._have_bw:
+            self._buf[:2].zero_()
         if "update" in q and self._snapshot is not None:
             ps = [self.params[i].detach() for i in self._snap_idx]
             torch._foreach_sub_(self._snapshot, ps)  # old - new, in place in the copy
-            un = self._scatter(_norms(self._snapshot, dev), self._snap_idx)
-        stacked = torch.stack([bw, used, wn, un]).square()
-        grouped = (stacked @ self._assign).sqrt()  # (4, G)
-        totals = stacked.sum(1).sqrt()  # (4,)
-        host = torch.cat([totals, grouped.reshape(-1)]).cpu().numpy()
+            self._fill(3, self._snapshot, self._snap_idx)
+        stacked = self._buf.square()
+        grouped = (stacked @ self._assign).sqrt_()  # (4, G)
+        totals = stacked.sum(1).sqrt_()  # (4,)
+        host = torch.cat([totals, grouped.reshape(-1)]).cpu().numpy().astype(np.float64)
+        bw = self._buf[0].to(torch.float64)
+        used = self._buf[1]
         g = len(self.groups)
         tot, grp = host[:4], host[4:].reshape(4, g)
+        self._nonfinite = []
+        if "grad_norm" in q and not np.isfinite(tot[1]):  # some gradient the optimizer uses is NaN or infinite
+            bad = (~torch.isfinite(used)).nonzero().flatten().tolist()
+            grads = self._used_grads or []
+            self._nonfinite = [self.param_names[i] for i in bad if i < len(grads) and grads[i] is not None
+                               and not bool(torch.isfinite(grads[i]).all())]
         row: dict[str, Any] = {}
         core = np.full(len(self.columns), np.nan)
         c = self._col
@@ -878,7 +894,7 @@ class Monitor:
     def _run(self, quantity: str, fn: Callable[[], None]) -> None:
         try:
             fn()
-        except Exception as err:  # noqa: BLE001 - a scheduled statistic must not stop training: disabled and reported
+        except Exception as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self.disabled[quantity] = f"{type(err).__name__}: {first[:200]}"
             warnings.warn(f"gradsense monitor: {quantity} disabled after an error ({self.disabled[quantity]}).",
@@ -906,18 +922,18 @@ class Monitor:
         w = self.world_size
         c_local = float(n_local) if self.loss_reduction == "mean" else 1.0
         # per-example: sum_i ||g_i||^2 (scaled to one example's loss gradient), all ranks
-        sum_sq = (per_param * c_local**2) @ self._assign
+        sum_sq = (per_param * c_local**2) @ self._assign64
         # the mean gradient's squared norm per group, from the accumulated gradient before clipping: over the
         # parameters with per-example norms (per-example estimator) and over all (two-batch estimator)
-        grad_sq = (bw.square() * covered) @ self._assign
-        grad_sq_all = bw.square() @ self._assign
+        grad_sq = (bw.square() * covered) @ self._assign64
+        grad_sq_all = bw.square() @ self._assign64
         micro = self._micro
         micro_n = float(len(micro))
         micro_inv = sum(1.0 / s for s, _ in micro if s > 0)
         micro_sq = torch.zeros_like(grad_sq)
         for s, v in micro:
             if s > 0:
-                micro_sq += (v * (c_local / s) ** 2) @ self._assign
+                micro_sq += (v * (c_local / s) ** 2) @ self._assign64
         packed = torch.cat([sum_sq, micro_sq, torch.tensor([float(n_local), micro_n, micro_inv], dtype=torch.float64,
                                                            device=dev)])
         if w > 1:
@@ -969,7 +985,7 @@ class Monitor:
                             zip(ps, self._init)]).to(self.device)
         n_now = _norms(ps, self.device).square()
         n_init = _norms(self._init, self.device).square()
-        grouped = torch.stack([dots, n_now, n_init]) @ self._assign
+        grouped = torch.stack([dots, n_now, n_init]) @ self._assign64
         cos = grouped[0] / (grouped[1] * grouped[2]).sqrt()
         host = cos.cpu().numpy()
         for k in self._module_groups:

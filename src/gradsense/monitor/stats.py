@@ -125,20 +125,33 @@ class SpikeDetector:
             z-scores; NaN for skipped values and during warm-up.
         """
         x = np.asarray(values, dtype=np.float64)
-        ok = np.isfinite(x) & (x > 0)
-        logx = np.where(ok, np.log(np.where(ok, x, 1.0)), 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logx = np.log(x)
+        ok = np.isfinite(logx)
         pred = self.level + self.trend
         sd = np.sqrt(self.var + self.floor**2)
+        z = (logx - pred) / sd
         warm = self.count >= self.warmup
-        z = np.where(ok & warm, (logx - pred) / sd, np.nan)
-        clipped = np.where(warm, np.minimum(logx, pred + self.threshold * sd), logx)
+        steady = bool(ok.all() and warm.all())
+        if not steady:
+            z[~(ok & warm)] = np.nan
+            logx = np.where(ok, logx, pred)
+        clipped = np.minimum(logx, pred + self.threshold * sd)
+        if not steady:
+            clipped = np.where(warm, clipped, logx)
         resid = clipped - pred
+        new_level = pred + self.alpha * resid
+        new_trend = self.trend + self.beta * (new_level - self.level - self.trend)
+        new_var = self.decay * self.var + (1.0 - self.decay) * resid * resid
+        if steady:
+            self.level, self.trend, self.var = new_level, new_trend, new_var
+            self.count += 1
+            return z
         first = ok & (self.count == 0)
         rest = ok & (self.count > 0)
-        new_level = pred + self.alpha * resid
-        self.trend = np.where(rest, self.trend + self.beta * (new_level - self.level - self.trend), self.trend)
+        self.trend = np.where(rest, new_trend, self.trend)
         self.level = np.where(first, logx, np.where(rest, new_level, self.level))
-        self.var = np.where(rest, self.decay * self.var + (1.0 - self.decay) * resid**2, self.var)
+        self.var = np.where(rest, new_var, self.var)
         self.count = self.count + ok
         return z
 

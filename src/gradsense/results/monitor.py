@@ -141,7 +141,7 @@ class MonitorLog:
             self.meta = {**old.get("meta", {}), **self.meta}
         self.path.mkdir(parents=True, exist_ok=True)
         self._segment = self._new_segment()
-        self._fh = open(self.path / self._segment, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._fh = open(self.path / self._segment, "a", encoding="utf-8")
         self._write_manifest(closed=False)
         if self._rows:
             self.compact()
@@ -240,7 +240,7 @@ class MonitorLog:
         if self._fh is not None:
             self._fh.close()
         self._segment = self._new_segment()
-        self._fh = open(self.path / self._segment, "a", encoding="utf-8")  # noqa: SIM115
+        self._fh = open(self.path / self._segment, "a", encoding="utf-8")
         self._write_manifest(closed=False)
         (self.path / old).unlink(missing_ok=True)
         self._rows_steps, self._rows, self._row_alarms = [], [], []

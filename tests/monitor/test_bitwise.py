@@ -35,7 +35,7 @@ def run(quantities, steps=12, accumulate=2, **kw):
     mon = None
     if quantities is not None:
         mon = Monitor(model, opt, quantities=quantities, held_out=held, loss_fn=F.cross_entropy, **kw)
-    for step in range(steps):
+    for _ in range(steps):
         opt.zero_grad()
         for _ in range(accumulate):
             idx = torch.randint(0, len(data), (16,))

@@ -46,7 +46,7 @@ def train(model, opt, steps, *, accumulate=1, clip=None, clip_value=None, monito
     gen = torch.Generator().manual_seed(seed)
     expected = []
     mon = Monitor(model, opt, quantities="cheap", alarm_warmup=1000, **(monitor_kw or {}))
-    for step in range(steps):
+    for _ in range(steps):
         opt.zero_grad()
         losses = []
         for _ in range(accumulate):
@@ -226,7 +226,7 @@ def test_bad_arguments_fail_before_any_hook(tmp_path):
             Monitor(model, opt, per="layer")
         with pytest.raises(ValueError, match="requires grad"):
             Monitor(nn.Linear(2, 2).requires_grad_(False))
-        with pytest.raises(TypeError, match="nn.Module"):
+        with pytest.raises(TypeError, match=r"nn\.Module"):
             Monitor(lambda x: x, opt)
     assert not opt._optimizer_step_pre_hooks
     Monitor(model, opt, log_dir=tmp_path).close()

@@ -105,7 +105,7 @@ def test_contributions_sum_to_the_batch_gradient_with_train_mode_batchnorm():
 
 def test_hooks_removed_grads_untouched_and_flattening_models_excluded():
     model = mlp()
-    x, y = torch.randn(4, 5, dtype=torch.float64), torch.randint(0, 3, (4,))
+    x = torch.randn(4, 5, dtype=torch.float64)
     with assert_model_unchanged(model):
         with PerExampleNorms(model) as pe:
             with torch.no_grad():

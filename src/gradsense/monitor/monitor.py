@@ -1062,7 +1062,8 @@ class Monitor:
         patch: dict[str, float] = {}
         alarms: list[Alarm] = []
         if pend["losses"] and "loss" in self._col:
-            loss = float(torch.stack([v.to(torch.float64).cpu() for v in pend["losses"]]).mean())
+            vals = pend["losses"]
+            loss = float(vals[0]) if len(vals) == 1 else float(torch.stack([v.to(torch.float64).cpu() for v in vals]).mean())
             patch["loss"] = loss
             if self._spikes is not None and not pend["has_loss"]:
                 alarms = self._loss_alarms(step, loss)
@@ -1095,11 +1096,13 @@ class Monitor:
         m = len(mods)
         thr = self.alarm_threshold
         out = []
-        for k in range(m):
-            if z[k] > thr:
-                out.append(Alarm(step, "grad_spike", self.groups[mods[k]], float(grad[k]), thr, float(z[k])))
-            if z[m + k] > thr:
-                out.append(Alarm(step, "update_spike", self.groups[mods[k]], float(upd[k]), thr, float(z[m + k])))
+        with np.errstate(invalid="ignore"):
+            hits = np.flatnonzero(z > thr)
+        for j in hits.tolist():
+            k = j % m
+            kind, value = ("grad_spike", grad[k]) if j < m else ("update_spike", upd[k])
+            out.append(Alarm(step, kind, self.groups[mods[k]], float(value), thr, float(z[j])))
+        out.sort(key=lambda a: (a.kind != "grad_spike", a.layer))
         self._z_hist.append((step, np.fmax(z[:m], z[m:2 * m])))
         return out
 

@@ -20,11 +20,12 @@ the sum of the elementwise product of two ``T x T`` Gram matrices (the trick of 
 - ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d`` (affine): the contribution
   ``sum_t d_it * xhat_it`` with ``xhat`` recomputed from the captured input (batch statistics for train-mode
   BatchNorm, where the rows are coupled: see below);
-- any other module with parameters of its own: ``torch.func.vmap`` of the module's vector-Jacobian product
-  over the rows, with copies of its buffers and the global RNG state restored (a module that draws random
+- any other module with parameters of its own and no submodule with parameters: ``torch.func.vmap`` of the
+  module's vector-Jacobian product over the rows, with copies of its buffers and the global RNG state restored (a module that draws random
   numbers, e.g. Dropout in train mode inside it, is excluded and named in :attr:`PerExampleNorms.excluded`).
   The module's ``forward`` is called directly, so its own hooks do not see this re-forward (hooks on its
-  submodules do).
+  submodules do). Parameters of a module that also runs submodules with parameters (a model's root holding a class
+  token) are left out and named: their per-example gradients would re-run the whole submodule tree.
 
 **Which rows are examples.** Row ``i`` of dimension 0 is example ``i`` (``dim 1`` for the inputs of a
 ``nn.MultiheadAttention(batch_first=False)``). Calls of a module within one forward of the root model are the
@@ -399,8 +400,16 @@ class PerExampleNorms:
                 self.param_names[mname] = own
         self.rules = {m: ("vmap" if isinstance(mod, nn.MultiheadAttention) else rule_for(mod))
                       for m, mod in self.modules.items()}
-        self.max_memory = max_memory
         self.excluded: dict[str, str] = {}
+        for m, mod in self.modules.items():
+            # the fallback re-runs the module's forward per example: not for a module whose forward runs submodules
+            # with parameters (a model's root holding a class token would be re-run whole)
+            if self.rules[m] == "vmap" and not isinstance(mod, nn.MultiheadAttention) and any(
+                    any(True for _ in c.parameters()) for c in mod.children()):
+                for full in self.param_names[m].values():
+                    self.excluded[full] = (f"{m or '<root>'} runs submodules with parameters: per-example gradients of "
+                                           "its own parameters would re-run all of them")
+        self.max_memory = max_memory
         self.coupled: list[str] = []
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []

@@ -550,6 +550,11 @@ class MonitorResult(Result):
             rows.append((f"alarm at step {a.step}", a.describe().split(": ", 1)[1]))
         if self.meta.get("gns_excluded"):
             rows.append(("left out of per-example statistics", ", ".join(self.meta["gns_excluded"])[:200]))
+        if self.meta.get("gns_coupled"):
+            rows.append(("per-example statistics", "rows coupled by train-mode BatchNorm ("
+                         + ", ".join(self.meta["gns_coupled"][:4]) + "): not independent examples' gradients"))
+        if self.meta.get("disabled"):
+            rows.append(("disabled after an error", "; ".join(f"{k}: {v}" for k, v in self.meta["disabled"].items())))
         return rows
 
     def plot(self, quantity: str = "grad_norm", **kwargs: Any) -> Any:

@@ -46,6 +46,9 @@ def layer_heatmap(matrix: Any, layers: Sequence[str], steps: Any, *, marks: Sequ
         ax.text(0.5, 0.5, "nothing recorded", ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
         return fig
+    recorded = np.isfinite(mat).any(axis=0)
+    if recorded.sum() >= 2 and not recorded.all():  # a quantity on a schedule: show the steps it was recorded at
+        mat, xs = mat[:, recorded], xs[recorded]
     if len(names) > _MAX_ROWS:
         top = np.argsort(-np.nan_to_num(np.nanmax(mat, axis=1), nan=-np.inf))[:_MAX_ROWS]
         keep = np.sort(top)
@@ -111,10 +114,21 @@ def noise_scale_figure(steps: Any, gns: Any, stderr: Any, *, per_step: Any | Non
         ax.scatter(xs[ok], p[ok], s=6, color="0.6", label="one step (ratio of that step's estimates)")
     ok = np.isfinite(g)
     band = ok & np.isfinite(se)
-    ax.fill_between(xs[band], np.maximum(g[band] - 2 * se[band], 1e-12), g[band] + 2 * se[band], alpha=0.3,
-                    color="C0", label="± 2 s.e.")
+    log = bool((g[ok] > 0).any())  # a log axis needs a positive estimate to show
+    lower = g[band] - 2 * se[band]
+    if log:  # a band reaching 0 or below is drawn to the bottom of the axis, not to 1e-12
+        positive = g[ok & (g > 0)]
+        bottom = float(positive.min()) / 10.0
+        ax.set_ylim(bottom, max(float(np.nanmax(g[band] + 2 * se[band])) if band.any() else 0.0,
+                                float(positive.max())) * 3.0)
+        lower = np.maximum(lower, bottom)
+    ax.fill_between(xs[band], lower, g[band] + 2 * se[band], alpha=0.3, color="C0", label="± 2 s.e.")
     ax.plot(xs[ok], g[ok], color="C0", label="B_simple (window)")
-    ax.set_yscale("log", nonpositive="mask")
+    if not ok.any():
+        ax.text(0.5, 0.5, "no estimate yet (the gradient signal |G|^2 is not yet resolved from the noise)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    if log:
+        ax.set_yscale("log", nonpositive="mask")
     ax.set_xlabel("step")
     ax.set_ylabel("examples")
     ax.grid(alpha=0.3)
@@ -142,7 +156,7 @@ def conflict_matrix(names: Sequence[str], cosines: Any, fractions: Any | None = 
             txt = f"{cos[i, j]:.2f}"
             if frac is not None and i != j and math.isfinite(frac[i, j]):
                 txt += f"\n{frac[i, j]:.0%} < 0"
-            ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="black")
+            ax.text(j, i, txt, ha="center", va="center", fontsize=7, color="white" if abs(cos[i, j]) > 0.6 else "black")
     fig.colorbar(im, ax=ax, shrink=0.8).set_label("mean cosine", fontsize=8)
     ax.set_title(_literal(title or "Gradient conflict between objectives"))
     return fig
@@ -168,9 +182,10 @@ def add_monitor_section(report: Any, result: Any, *, title: str | None = None, t
     alarms = result.alarms
     title = title or "Training monitor"
     curves: dict[str, Any] = {}
-    for name, label in (("loss", "loss"), ("grad_norm", "gradient norm, before clipping"),
+    clipped = "clip_factor" in cols and bool((result.series("clip_factor") < 1 - 1e-6).any())
+    for name, label in (("loss", "loss"), ("grad_norm", "gradient norm" + (", before clipping" if clipped else "")),
                         ("grad_norm_clipped", "gradient norm, after clipping (used)")):
-        if name in cols:
+        if name in cols and (name != "grad_norm_clipped" or clipped):
             curves[label] = result.series(name)
     figures: list[Any] = []
     if curves:

@@ -91,6 +91,11 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _strip(name: str) -> str:
+    """A parameter or module name without the prefix ``torch.compile``'s wrapper adds."""
+    return name[len("_orig_mod."):] if name.startswith("_orig_mod.") else ("" if name == "_orig_mod" else name)
+
+
 def _loss_from_output(out: Any) -> Tensor | None:
     loss = getattr(out, "loss", None) if not isinstance(out, Mapping) else out.get("loss")
     if loss is None and isinstance(out, Mapping):
@@ -239,7 +244,7 @@ class Monitor:
                     raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
                 if num_examples(held_out) == 0:
                     raise ValueError("held_out is empty.")
-        named = [(n, p) for n, p in self.root.named_parameters() if p.requires_grad]
+        named = [(_strip(n), p) for n, p in self.root.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("the model has no parameter that requires grad: nothing to monitor.")
         self.optimizer: torch.optim.Optimizer | None = None
@@ -1014,8 +1019,8 @@ class Monitor:
             total, count = sums[n]
             ent = (total / count.clamp_min(1)).cpu().numpy()
             for h, v in enumerate(ent):
-                row[f"attn_entropy/{n}/h{h}"] = float(v)
-            row[f"attn_entropy/{n}"] = float(ent.mean())
+                row[f"attn_entropy/{_strip(n)}/h{h}"] = float(v)
+            row[f"attn_entropy/{_strip(n)}"] = float(ent.mean())
         self._attn.reset()
 
     def _curvature(self, step: int, row: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from gradsense.core.functional import check_model, model_fingerprint, preserve_m
 from gradsense.core.per_example import PerExampleNorms
 from gradsense.monitor.attention import AttentionProbe, find_attention_modules
 from gradsense.monitor.quantities import QUANTITIES, resolve_quantities
-from gradsense.monitor.stats import SpikeDetector, gram_cosines, noise_estimates, ratio_of_means
+from gradsense.monitor.stats import ScalarSpikeDetector, SpikeDetector, gram_cosines, noise_estimates, ratio_of_means
 from gradsense.results.monitor import Alarm, MonitorLog, MonitorResult
 
 __all__ = ["Monitor", "objectives"]
@@ -307,8 +307,8 @@ class Monitor:
         self._acc = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self._one_device = len({p.device for p in self.params}) == 1
         self._buf = torch.zeros(4, len(self.params), dtype=self._acc, device=self.device)
-        self._assign = assign.to(self.device, self._acc)
         self._assign64 = assign.to(self.device)
+        self._assign_np = assign.numpy()
         self._module_groups = [g for g in range(len(groups)) if groups[g] in self.layers]
         layer_index = {lay: i for i, lay in enumerate(self.layers)}
         self._param_layer = torch.tensor([layer_index[lay] for lay in layer_of])
@@ -364,11 +364,11 @@ class Monitor:
         self._gns2_hist: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=gns_window)
         self._z_hist: deque[tuple[int, np.ndarray]] = deque(maxlen=6)
         self._spikes: SpikeDetector | None = None
-        self._loss_spikes: SpikeDetector | None = None
+        self._loss_spikes: ScalarSpikeDetector | None = None
         if "alarms" in q:
             opts = {"threshold": alarm_threshold, "decay": alarm_decay, "warmup": alarm_warmup, "floor": alarm_floor}
             self._spikes = SpikeDetector(2 * len(self._module_groups), **opts)
-            self._loss_spikes = SpikeDetector(1, **opts)
+            self._loss_spikes = ScalarSpikeDetector(**opts)
         self.alarm_threshold = float(alarm_threshold)
         self._pe: PerExampleNorms | None = None
         if "gns" in q:
@@ -806,14 +806,12 @@ class Monitor:
             ps = [self.params[i].detach() for i in self._snap_idx]
             torch._foreach_sub_(self._snapshot, ps)  # old - new, in place in the copy
             self._fill(3, self._snapshot, self._snap_idx)
-        stacked = self._buf.square()
-        grouped = (stacked @ self._assign).sqrt_()  # (4, G)
-        totals = stacked.sum(1).sqrt_()  # (4,)
-        host = torch.cat([totals, grouped.reshape(-1)]).cpu().numpy().astype(np.float64)
-        bw = self._buf[0].to(torch.float64)
+        # one transfer of the (4, P) per-parameter norms; the per-layer sums are small host arithmetic
+        sq = np.square(self._buf.cpu().numpy().astype(np.float64))
+        grp = np.sqrt(sq @ self._assign_np)  # (4, G)
+        tot = np.sqrt(sq.sum(1))  # (4,)
         used = self._buf[1]
         g = len(self.groups)
-        tot, grp = host[:4], host[4:].reshape(4, g)
         self._nonfinite = []
         if "grad_norm" in q and not np.isfinite(tot[1]):  # some gradient the optimizer uses is NaN or infinite
             bad = (~torch.isfinite(used)).nonzero().flatten().tolist()
@@ -843,10 +841,9 @@ class Monitor:
             start = c[f"update_norm/{self.groups[0]}"]
             core[start:start + g] = grp[3]
             start = c[f"update_ratio/{self.groups[0]}"]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                core[start:start + g] = np.where(grp[2] > 0, grp[3] / grp[2], np.nan)
+            np.divide(grp[3], grp[2], out=core[start:start + g], where=grp[2] > 0)
         alarms = [Alarm(step, "nonfinite_grad", n, math.nan) for n in self._nonfinite]
-        self._scheduled(step, row, bw)
+        self._scheduled(step, row)
         loss = math.nan
         if "loss" in q:
             local = float(torch.stack([v.to(torch.float64).cpu() for v in self._losses]).mean()) if self._losses \
@@ -885,9 +882,10 @@ class Monitor:
             self._log.append(step, self.columns, row, [a.to_json() for a in alarms])
         return row
 
-    def _scheduled(self, step: int, row: dict[str, Any], bw: Tensor) -> None:
+    def _scheduled(self, step: int, row: dict[str, Any]) -> None:
         """Per-example statistics, rotation, attention entropy, curvature on their schedules."""
         if self._pe is not None and self._due("gns", step):
+            bw = self._buf[0].to(torch.float64)
             self._run("gns", lambda: self._gns(row, bw))
         if self._init is not None and self._due("rotation", step):
             self._run("rotation", lambda: self._rotation(row))
@@ -1113,7 +1111,7 @@ class Monitor:
 
     def _loss_alarms(self, step: int, loss: float) -> list[Alarm]:
         assert self._loss_spikes is not None
-        z = float(self._loss_spikes.update(np.array([loss]))[0])
+        z = self._loss_spikes.update(loss)
         thr = self.alarm_threshold
         if z > thr:
             return [Alarm(step, "loss_spike", "", loss, thr, z, self._moved_first(thr / 2))]

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SpikeDetector", "gram_cosines", "noise_estimates", "ratio_of_means"]
+__all__ = ["ScalarSpikeDetector", "SpikeDetector", "gram_cosines", "noise_estimates", "ratio_of_means"]
 
 
 def noise_estimates(small_sq: Tensor | float, b_small: float, big_sq: Tensor | float, b_big: float
@@ -153,6 +153,37 @@ class SpikeDetector:
         self.level = np.where(first, logx, np.where(rest, new_level, self.level))
         self.var = np.where(rest, new_var, self.var)
         self.count = self.count + ok
+        return z
+
+
+class ScalarSpikeDetector:
+    """:class:`SpikeDetector` for one series, in plain Python floats (the loss: one value per step, no arrays)."""
+
+    def __init__(self, *, threshold: float = 6.0, decay: float = 0.98, warmup: int = 50, floor: float = 0.2,
+                 level: float = 0.1, trend: float = 0.1) -> None:
+        self.threshold, self.decay, self.warmup, self.floor2 = float(threshold), float(decay), int(warmup), floor**2
+        self.alpha, self.beta = float(level), float(trend)
+        self.level = self.trend = self.var = 0.0
+        self.count = 0
+
+    def update(self, value: float) -> float:
+        """Score ``value``, then add it to the statistics (same rules as :meth:`SpikeDetector.update`)."""
+        if not (value > 0 and math.isfinite(value)):
+            return math.nan
+        logx = math.log(value)
+        if self.count == 0:
+            self.level, self.count = logx, 1
+            return math.nan
+        pred = self.level + self.trend
+        sd = math.sqrt(self.var + self.floor2)
+        warm = self.count >= self.warmup
+        z = (logx - pred) / sd if warm else math.nan
+        resid = (min(logx, pred + self.threshold * sd) if warm else logx) - pred
+        new_level = pred + self.alpha * resid
+        self.trend += self.beta * (new_level - self.level - self.trend)
+        self.level = new_level
+        self.var = self.decay * self.var + (1.0 - self.decay) * resid * resid
+        self.count += 1
         return z
 
 

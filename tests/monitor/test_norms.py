@@ -233,3 +233,25 @@ def test_bad_arguments_fail_before_any_hook(tmp_path):
     with pytest.raises(ValueError, match="already holds a monitor log"):
         Monitor(model, opt, log_dir=tmp_path)
     assert gs.monitor.MonitorResult.read(tmp_path).steps.numel() == 0
+
+
+def test_grad_scaler_norms_are_unscaled():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    expected = []
+    with Monitor(model, opt, quantities="cheap", grad_scaler=scaler) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            scaler.scale(F.cross_entropy(model(torch.randn(8, 5)), torch.randint(0, 3, (8,)))).backward()
+            scale = scaler.get_scale()
+            expected.append(math.sqrt(sum(float((p.grad / scale).square().sum()) for p in model.parameters())))
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+            scaler.step(opt)
+            scaler.update()
+    s = mon.result().scalars
+    for t, e in enumerate(expected):
+        assert float(s["grad_norm"][t]) == pytest.approx(e, rel=1e-6)
+        assert float(s["grad_norm_clipped"][t]) == pytest.approx(min(e, 0.1), rel=1e-5)

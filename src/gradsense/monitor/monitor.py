@@ -164,6 +164,9 @@ class Monitor:
         resume: Append to an existing log in ``log_dir`` (steps continue after its last one).
         loss_from_output: Read the loss from the model output's ``loss`` (attribute or key) at each training forward
             (averaged over the step's forwards).
+        grad_scaler: The ``torch.amp.GradScaler`` of a mixed-precision loop: gradients at the end of backward are
+            scaled by it, so their norms are divided by its scale (``grad_norm`` is then the unscaled norm before
+            clipping). Steps the scaler skips (non-finite gradients) call no optimizer hook and are not recorded.
         seed: Seed of the monitor's own random numbers (curvature probes); the global RNG is never used.
         name: Model name for the result's metadata.
 
@@ -208,6 +211,7 @@ class Monitor:
         max_memory: int | str | None = None,
         resume: bool = False,
         loss_from_output: bool = True,
+        grad_scaler: Any = None,
         seed: int = 0,
         name: str | None = None,
     ) -> None:
@@ -276,6 +280,9 @@ class Monitor:
                                  "resume=True to append to it.")
         self.loss_reduction = loss_reduction
         self.loss_from_output = bool(loss_from_output)
+        if grad_scaler is not None and not callable(getattr(grad_scaler, "get_scale", None)):
+            raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}.")
+        self.grad_scaler = grad_scaler
         self.loss_fn, self.held_out = loss_fn, held_out
         self.max_memory = max_memory
         self.seed = seed
@@ -641,6 +648,8 @@ class Monitor:
             return
         grads = [p.grad for p in self.params]
         self._fill(0, grads)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            self._buf[0].div_(self.grad_scaler.get_scale())  # gradients of the scaled loss
         self._have_bw = True
         self._bw_grads = grads
         self._bw_versions = [g._version if g is not None else -1 for g in grads]

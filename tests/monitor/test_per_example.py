@@ -134,3 +134,20 @@ def test_pair_sq_norms_gram_and_materialised_paths_agree():
         expected = torch.einsum("btq,btp->bqp", d, a).square().sum((1, 2))
         torch.testing.assert_close(pair_sq_norms(a, d), expected)
         torch.testing.assert_close(pair_sq_norms(a, d, max_memory=1), expected)  # one row per chunk
+
+
+def test_conv_gram_path_and_two_calls():
+    torch.manual_seed(7)
+
+    class Wide(nn.Module):  # few positions, many channels: the patches' Gram matrices are the cheaper route
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(8, 16, 3, dilation=1)
+            self.head = nn.Linear(16 * 4, 2)
+
+        def forward(self, x):  # the same conv on both halves of each example
+            return self.head(torch.tanh(self.conv(x[:, :8]) + self.conv(x[:, 8:])).flatten(1))
+
+    model = Wide().double()
+    x, y = torch.randn(5, 16, 4, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
+    check(model, F.cross_entropy, x, y)

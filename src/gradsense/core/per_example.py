@@ -14,7 +14,9 @@ the sum of the elementwise product of two ``T x T`` Gram matrices (the trick of 
 (``T (p + q) > p q``). Per module and call:
 
 - ``nn.Linear``: as above (any number of middle dimensions is a sequence);
-- ``nn.Conv1d``/``nn.Conv2d``: a Linear on unfolded patches (``F.unfold``), one per group;
+- ``nn.Conv1d``/``nn.Conv2d``: a Linear on unfolded patches (``F.unfold``, one per group) when the patches'
+  Gram matrices are the cheaper route, else the per-example weight gradients as the weight gradient of one
+  convolution whose groups are the examples (``torch.nn.grad.conv2d_weight``);
 - ``nn.Embedding``: the Gram trick with ``[id_it == id_is]`` in place of ``a_it . a_is`` (``padding_idx`` rows
   get no gradient);
 - ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm``, ``nn.BatchNorm*d`` (affine): the contribution
@@ -134,22 +136,58 @@ def _conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     return cols.transpose(1, 2)
 
 
+def _padded(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> tuple[Tensor, Any]:
+    """The input padded as the module pads it when that is not plain zero padding, and the padding left to apply."""
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        return F.pad(x, list(module._reversed_padding_repeated_twice), mode=mode), 0
+    return x, module.padding
+
+
+def _conv_weight_grouped(module: nn.Conv1d | nn.Conv2d, x: Tensor, d: Tensor, budget: int | None) -> Tensor:
+    """``||g_i||^2`` of the weight from the per-example weight gradients, computed as the weight gradient of one
+    convolution whose groups are the examples (``torch.nn.grad.conv*d_weight``; no unfolded patches)."""
+    x, padding = _padded(module, x)
+    b = x.shape[0]
+    g = module.groups
+    w_shape = module.weight.shape
+    conv_weight = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    per = 3 * math.prod(w_shape) * torch.finfo(dtype).bits // 8
+    size = chunk_size_for(per, max_memory=budget if budget is not None else default_budget(x.device), total=b)
+    out = torch.empty(b, dtype=dtype, device=x.device)
+    for sl in chunks(b, size):
+        n = sl.stop - sl.start
+        xi = x[sl].to(dtype).reshape(1, n * x.shape[1], *x.shape[2:])
+        di = d[sl].to(dtype).reshape(1, n * d.shape[1], *d.shape[2:])
+        gw = conv_weight(xi, (n * w_shape[0], *w_shape[1:]), di, stride=module.stride, padding=padding,
+                         dilation=module.dilation, groups=n * g)
+        out[sl] = gw.reshape(n, -1).square().sum(1)
+    return out
+
+
 def _conv(module: nn.Conv1d | nn.Conv2d, calls: list[_Call], b: int, budget: int | None) -> dict[str, Tensor]:
-    a = _cat([_conv_patches(module, c.args[0].detach()) for c in calls], dim=1)  # (B, L, C_in k)
-    d = _cat([c.grads[0].reshape(b, module.out_channels, -1).transpose(1, 2) for c in calls], dim=1)
     out = {}
     if module.weight.requires_grad:
         g = module.groups
-        k = a.shape[-1] // module.in_channels
         cin, cout = module.in_channels // g, module.out_channels // g
-        total = None
-        for j in range(g):
-            part = pair_sq_norms(a[..., j * cin * k:(j + 1) * cin * k], d[..., j * cout:(j + 1) * cout],
-                                 max_memory=budget)
-            total = part if total is None else total + part
-        out["weight"] = total
+        k = math.prod(module.kernel_size)
+        positions = sum(math.prod(c.grads[0].shape[2:]) for c in calls)
+        if len(calls) == 1 and positions * (cin * k + cout) > cin * k * cout:
+            # the per-example gradients take fewer operations than the Gram matrices of the patches
+            out["weight"] = _conv_weight_grouped(module, calls[0].args[0].detach(), calls[0].grads[0], budget)
+        else:
+            a = _cat([_conv_patches(module, c.args[0].detach()) for c in calls], dim=1)  # (B, L, C_in k)
+            d = _cat([c.grads[0].reshape(b, module.out_channels, -1).transpose(1, 2) for c in calls], dim=1)
+            total = None
+            for j in range(g):
+                part = pair_sq_norms(a[..., j * cin * k:(j + 1) * cin * k], d[..., j * cout:(j + 1) * cout],
+                                     max_memory=budget)
+                total = part if total is None else total + part
+            out["weight"] = total
     if module.bias is not None and module.bias.requires_grad:
-        out["bias"] = d.to(torch.promote_types(d.dtype, torch.float32)).sum(1).square().sum(1)
+        d_sum = sum(c.grads[0].reshape(b, module.out_channels, -1).sum(2) for c in calls)
+        out["bias"] = d_sum.to(torch.promote_types(d_sum.dtype, torch.float32)).square().sum(1)
     return out
 
 
@@ -409,7 +447,10 @@ class PerExampleNorms:
                 for full in self.param_names[m].values():
                     self.excluded[full] = (f"{m or '<root>'} runs submodules with parameters: per-example gradients of "
                                            "its own parameters would re-run all of them")
-        self.max_memory = max_memory
+        first = next(iter(chosen.values()), None)
+        # read once: the default budget looks at the free memory, too slow to ask at every layer of every step
+        self.max_memory = max_memory if max_memory is not None else default_budget(
+            first.device if first is not None else None)
         self.coupled: list[str] = []
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []
@@ -465,6 +506,24 @@ class PerExampleNorms:
     def n_examples(self) -> int:
         """Examples seen (rows of every root forward)."""
         return sum(self._sizes)
+
+    def sums(self, names: list[str]) -> Tensor:
+        """``(len(names),)`` float64: each parameter's ``sum_i ||g_i||^2`` over the examples seen (0 for parameters
+        without contributions or excluded)."""
+        self.finish()
+        out = []
+        for n in names:
+            parts = self._parts.get(n)
+            if not parts or n in self.excluded:
+                out.append(None)
+                continue
+            vals = list(parts.values())
+            out.append(vals[0].sum() if len(vals) == 1 else torch.stack([v.sum() for v in vals]).sum())
+        ref = next((v for v in out if v is not None), None)
+        if ref is None:
+            return torch.zeros(len(names), dtype=torch.float64)
+        zero = torch.zeros((), dtype=ref.dtype, device=ref.device)
+        return torch.stack([zero if v is None else v.to(ref.dtype) for v in out]).to(torch.float64)
 
     @property
     def squared_norms(self) -> dict[str, Tensor]:

@@ -44,7 +44,13 @@ from gradsense.core.functional import check_model, model_fingerprint, preserve_m
 from gradsense.core.per_example import PerExampleNorms
 from gradsense.monitor.attention import AttentionProbe, find_attention_modules
 from gradsense.monitor.quantities import QUANTITIES, resolve_quantities
-from gradsense.monitor.stats import ScalarSpikeDetector, SpikeDetector, gram_cosines, noise_estimates, ratio_of_means
+from gradsense.monitor.stats import (
+    ScalarSpikeDetector,
+    SpikeDetector,
+    gram_cosines,
+    noise_estimates,
+    ratio_of_means,
+)
 from gradsense.results.monitor import Alarm, MonitorLog, MonitorResult
 
 __all__ = ["Monitor", "objectives"]
@@ -367,8 +373,8 @@ class Monitor:
         self._micro_grads: dict[int, Tensor] = {}
         self._micro_handles: list[Any] = []
         self._micro_mark = 0  # per-example forwards seen at the last backward's end
-        self._gns_hist: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=gns_window)
-        self._gns2_hist: deque[tuple[np.ndarray, np.ndarray]] = deque(maxlen=gns_window)
+        self._gns_hist: deque[tuple[float, float]] = deque(maxlen=gns_window)  # (trace, |G|^2) per step
+        self._gns2_hist: deque[tuple[float, float]] = deque(maxlen=gns_window)
         self._z_hist: deque[tuple[int, np.ndarray]] = deque(maxlen=6)
         self._spikes: SpikeDetector | None = None
         self._loss_spikes: ScalarSpikeDetector | None = None
@@ -916,75 +922,60 @@ class Monitor:
     def _gns(self, row: dict[str, Any], bw: Tensor) -> None:
         pe = self._pe
         assert pe is not None
-        sq = pe.squared_norms
         missing = pe.missing()
-        have_grad = [n for n in missing if self.params[self.param_names.index(n)].grad is not None]
-        if have_grad:
-            pe.exclude(have_grad, "no forward of its module was seen (its parameters are used by other code)")
+        if missing:
+            have_grad = [n for n in missing if self.params[self.param_names.index(n)].grad is not None]
+            if have_grad:
+                pe.exclude(have_grad, "no forward of its module was seen (its parameters are used by other code)")
         n_local = pe.n_examples
-        names = [n for n in self.param_names if n in sq]
-        dev = self.device
-        per_param = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
-        if names:
-            idx = torch.tensor([self.param_names.index(n) for n in names], device=dev)
-            per_param[idx] = torch.stack([sq[n].sum().to(dev, torch.float64) for n in names])
-        covered = torch.zeros(len(self.params), dtype=torch.float64, device=dev)
-        if names:
-            covered[idx] = 1.0
-        w = self.world_size
+        per_param = pe.sums(self.param_names).to(self.device)  # sum_i ||g_i||^2 per parameter, this rank
+        covered = torch.tensor([n not in pe.excluded and n in pe._parts and bool(pe._parts[n])
+                                for n in self.param_names], dtype=torch.float64, device=self.device)
         c_local = float(n_local) if self.loss_reduction == "mean" else 1.0
-        # per-example: sum_i ||g_i||^2 (scaled to one example's loss gradient), all ranks
-        sum_sq = (per_param * c_local**2) @ self._assign64
-        # the mean gradient's squared norm per group, from the accumulated gradient before clipping: over the
-        # parameters with per-example norms (per-example estimator) and over all (two-batch estimator)
-        grad_sq = (bw.square() * covered) @ self._assign64
-        grad_sq_all = bw.square() @ self._assign64
+        bw_sq = bw.square()
         micro = self._micro
-        micro_n = float(len(micro))
-        micro_inv = sum(1.0 / s for s, _ in micro if s > 0)
-        micro_sq = torch.zeros_like(grad_sq)
-        for s, v in micro:
-            if s > 0:
-                micro_sq += (v * (c_local / s) ** 2) @ self._assign64
-        packed = torch.cat([sum_sq, micro_sq, torch.tensor([float(n_local), micro_n, micro_inv], dtype=torch.float64,
-                                                           device=dev)])
-        if w > 1:
-            packed = all_reduce_sum(packed)
-        g = len(self.groups)
-        sum_sq, micro_sq = packed[:g], packed[g:2 * g]
-        n_total, micro_n, micro_inv = (float(v) for v in packed[2 * g:].tolist())
+        micro_sq = torch.zeros_like(bw_sq)
+        micro_inv = 0.0
+        for size, v in micro:
+            if size > 0:
+                micro_sq += v * (c_local / size) ** 2
+                micro_inv += 1.0 / size
+        # one host transfer: [per-example sums, covered gradient, all gradient, micro-batch sums] per parameter
+        host = torch.stack([per_param * c_local**2, bw_sq * covered, bw_sq, micro_sq]).cpu().numpy() @ self._assign_np
+        counts = np.array([float(n_local), float(len(micro)), micro_inv])
+        if self.world_size > 1:  # the per-example and micro-batch sums and counts add up over ranks
+            packed = torch.from_numpy(np.concatenate([host[0], host[3], counts])).to(self.device)
+            packed = all_reduce_sum(packed).cpu().numpy()
+            g = host.shape[1]
+            host[0], host[3], counts = packed[:g], packed[g:2 * g], packed[2 * g:]
+        sum_sq, grad_sq, grad_sq_all, micro_sq_g = host
+        n_total, micro_n, micro_inv = (float(v) for v in counts)
         if self.loss_reduction == "sum":
-            grad_sq = grad_sq * (w / max(n_total, 1.0)) ** 2
-            grad_sq_all = grad_sq_all * (w / max(n_total, 1.0)) ** 2
-        self.gns_excluded = sorted(pe.excluded)
+            scale = (self.world_size / max(n_total, 1.0)) ** 2
+            grad_sq, grad_sq_all = grad_sq * scale, grad_sq_all * scale
+        mods = self._module_groups
         if n_total >= 2:
-            gsq, tr = noise_estimates(sum_sq / n_total, 1.0, grad_sq, n_total)
-            gsq_h, tr_h = gsq.cpu().numpy(), tr.cpu().numpy()
-            mean_sq = (sum_sq / n_total).cpu().numpy()
-            mods = self._module_groups
-            tot_gsq, tot_tr = float(gsq_h[mods].sum()), float(tr_h[mods].sum())
+            mean_sq = sum_sq / n_total
+            gsq, tr = noise_estimates(mean_sq, 1.0, grad_sq, n_total)
+            tot_gsq, tot_tr = float(gsq[mods].sum()), float(tr[mods].sum())
             row["gns/grad_sq"], row["gns/trace"], row["gns/batch"] = tot_gsq, tot_tr, n_total
-            self._gns_hist.append((np.array([tot_tr]), np.array([tot_gsq])))
-            ratio, se = ratio_of_means(np.array([h[0][0] for h in self._gns_hist]),
-                                       np.array([h[1][0] for h in self._gns_hist]))
-            row["gns"], row["gns_stderr"] = ratio, se
-            gsq_big = grad_sq.cpu().numpy()
+            self._gns_hist.append((tot_tr, tot_gsq))
+            row["gns"], row["gns_stderr"] = ratio_of_means(*np.array(self._gns_hist).T)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                snr = np.where(tr > 0, gsq / tr, np.nan)
+                coherence = np.where(mean_sq > 0, grad_sq / mean_sq, np.nan)
             for k in mods:
                 layer = self.groups[k]
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    row[f"snr/{layer}"] = gsq_h[k] / tr_h[k] if tr_h[k] > 0 else math.nan
-                    row[f"coherence/{layer}"] = gsq_big[k] / mean_sq[k] if mean_sq[k] > 0 else math.nan
-        if micro_n * 1.0 > 1 and n_total > 0:
+                row[f"snr/{layer}"] = float(snr[k])
+                row[f"coherence/{layer}"] = float(coherence[k])
+        if micro_n > 1 and n_total > 0:
             b_small = micro_n / micro_inv
             if n_total > b_small:
-                small = micro_sq / micro_n
-                gsq2, tr2 = noise_estimates(small, b_small, grad_sq_all, n_total)
-                mods = self._module_groups
+                gsq2, tr2 = noise_estimates(micro_sq_g / micro_n, b_small, grad_sq_all, n_total)
                 t_g, t_t = float(gsq2[mods].sum()), float(tr2[mods].sum())
                 row["gns2/grad_sq"], row["gns2/trace"], row["gns2/batch_small"] = t_g, t_t, b_small
-                self._gns2_hist.append((np.array([t_t]), np.array([t_g])))
-                ratio, se = ratio_of_means(np.array([h[0][0] for h in self._gns2_hist]),
-                                           np.array([h[1][0] for h in self._gns2_hist]))
+                self._gns2_hist.append((t_t, t_g))
+                ratio, se = ratio_of_means(*np.array(self._gns2_hist).T)
                 row["gns2"], row["gns2_stderr"] = ratio, se
                 if "gns" not in row:
                     row["gns"], row["gns_stderr"] = ratio, se

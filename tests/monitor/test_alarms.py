@@ -14,8 +14,10 @@ from gradsense.monitor.stats import SpikeDetector
 from gradsense.zoo.models import DigitsCNN
 from gradsense.zoo.train import _schedule, random_shift
 
+EVERY_STEP = {"loss": 1, "grad_norm": 1, "weight_norm": 1, "update": 1, "alarms": 1}
 
-def digits_run(steps, *, seed=0, grad_spike=None, lr_jump=None, quantities="cheap"):
+
+def digits_run(steps, *, seed=0, grad_spike=None, lr_jump=None, quantities=EVERY_STEP):
     """The zoo recipe for digits-cnn (AdamW, warm-up + cosine, shifts), optionally with injected spikes:
     ``grad_spike=(step, param name, factor)`` multiplies that parameter's gradient; ``lr_jump=(step, layer,
     factor)`` multiplies the learning rate of that layer's parameter group for one step."""

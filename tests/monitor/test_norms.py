@@ -12,6 +12,8 @@ from torch import nn
 
 import gradsense as gs
 from gradsense.monitor import Monitor
+
+EVERY_STEP = ["loss", "grad_norm", "weight_norm", "update", "alarms"]  # default schedules: every step
 from helpers import assert_model_unchanged, hooks_on
 
 
@@ -45,7 +47,7 @@ def train(model, opt, steps, *, accumulate=1, clip=None, clip_value=None, monito
     """Train with a monitor; return the monitor's result and the expected values from a manual loop."""
     gen = torch.Generator().manual_seed(seed)
     expected = []
-    mon = Monitor(model, opt, quantities="cheap", alarm_warmup=1000, **(monitor_kw or {}))
+    mon = Monitor(model, opt, quantities=EVERY_STEP, alarm_warmup=1000, **(monitor_kw or {}))
     for _ in range(steps):
         opt.zero_grad()
         losses = []
@@ -167,7 +169,7 @@ def test_every_nonfinite_and_lbfgs_closure():
         loss.backward()
         return loss
 
-    with Monitor(model, opt, quantities="cheap") as mon:
+    with Monitor(model, opt, quantities=EVERY_STEP) as mon:
         before = [p.detach().clone() for p in model.parameters()]
         opt.step(closure)
         last = math.sqrt(sum(float(p.grad.square().sum()) for p in model.parameters()))
@@ -255,3 +257,24 @@ def test_grad_scaler_norms_are_unscaled():
     for t, e in enumerate(expected):
         assert float(s["grad_norm"][t]) == pytest.approx(e, rel=1e-6)
         assert float(s["grad_norm_clipped"][t]) == pytest.approx(min(e, 0.1), rel=1e-5)
+
+
+def test_large_model_path_and_cheap_schedule():
+    def run(force_large, quantities):
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        mon = Monitor(model, opt, quantities=quantities)
+        mon._large = force_large  # the torch.dist path of models above 2M parameters
+        for _ in range(12):
+            opt.zero_grad()
+            F.cross_entropy(model(torch.randn(8, 5)), torch.randint(0, 3, (8,))).backward()
+            opt.step()
+        mon.close()
+        return mon.result()
+
+    a, b = run(False, EVERY_STEP), run(True, EVERY_STEP)
+    torch.testing.assert_close(a.series("update_norm/0"), b.series("update_norm/0"), rtol=1e-6, atol=0)
+    cheap = run(False, "cheap").series("update_norm/0")
+    assert torch.isfinite(cheap[[0, 10]]).all() and torch.isnan(cheap[1:10]).all() and torch.isnan(cheap[11])
+    torch.testing.assert_close(cheap[[0, 10]], a.series("update_norm/0")[[0, 10]])

@@ -29,7 +29,7 @@ def small_run(log_dir, steps, *, compact_every=4, late_loss=True, **kw):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    mon = Monitor(model, opt, quantities="cheap", log_dir=log_dir, compact_every=compact_every, **kw)
+    mon = Monitor(model, opt, quantities=["loss", "grad_norm", "weight_norm", "update"], log_dir=log_dir, compact_every=compact_every, **kw)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         x, y = torch.randn(8, 5, generator=gen), torch.randint(0, 3, (8,), generator=gen)

@@ -3,10 +3,12 @@
 A quantity is recorded on a schedule: every ``n`` optimizer steps (``n`` from the preset, or yours). The presets:
 
 =============  ==========================================================================================
-``"cheap"``    loss, per-layer gradient norms (before clipping; global before/after clipping, clip factor,
-               non-finite gradients by parameter), weight norms, update norms and update/weight ratios, spike
-               alarms - a few passes over the parameters per step and one copy of them in memory
-``"standard"`` cheap + gradient noise scale, SNR and coherence from per-example norms every 10 steps (and
+``"cheap"``    loss, per-layer gradient norms every step (before clipping; global before/after clipping, clip
+               factor, non-finite gradients by parameter) with spike alarms; weight norms, update norms and
+               update/weight ratios every 10 steps - one read of the gradients per step, one copy of the
+               parameters in memory
+``"standard"`` loss, gradient, weight and update norms every step, alarms; gradient noise scale, SNR and
+               coherence from per-example norms every 10 steps (and
                the two-batch estimator where micro-batches or ranks give two batch sizes), layer rotation every
                50 steps (a second copy of the parameters: the initial ones), attention entropy every 50 steps
 ``"full"``     standard with per-example statistics every step, rotation and attention entropy every 10 steps,
@@ -43,13 +45,13 @@ QUANTITIES: dict[str, str] = {
     "conflict": "pairwise cosine of the objectives' gradients given to mon.objectives() (one backward per objective)",
 }
 
-_CHEAP = {"loss": 1, "grad_norm": 1, "weight_norm": 1, "update": 1, "alarms": 1, "conflict": 1}
+_EVERY_STEP = {"loss": 1, "grad_norm": 1, "weight_norm": 1, "update": 1, "alarms": 1, "conflict": 1}
 PRESETS: dict[str, dict[str, int]] = {
-    "cheap": dict(_CHEAP),
-    "standard": {**_CHEAP, "gns": 10, "rotation": 50, "attention": 50},
-    "full": {**_CHEAP, "gns": 1, "rotation": 10, "attention": 10, "curvature": 100},
+    "cheap": {**_EVERY_STEP, "weight_norm": 10, "update": 10},
+    "standard": {**_EVERY_STEP, "gns": 10, "rotation": 50, "attention": 50},
+    "full": {**_EVERY_STEP, "gns": 1, "rotation": 10, "attention": 10, "curvature": 100},
 }
-_DEFAULT_EVERY = {**PRESETS["full"], "gns": 10, "rotation": 50, "attention": 50}
+_DEFAULT_EVERY = {**PRESETS["full"], "gns": 10, "rotation": 50, "attention": 50}  # for a list of names
 
 
 def resolve_quantities(spec: Any) -> dict[str, int]:

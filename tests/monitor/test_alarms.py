@@ -93,3 +93,22 @@ def test_spike_detector_follows_trends_and_scores_jumps():
     assert zs[150, 0] == pytest.approx(np.log(10.0) / 0.2)
     assert np.abs(zs[152:, 0]).max() < 1.0  # the spike entered clipped: the level did not move much
     assert np.isnan(det.update(np.array([0.0, np.nan, -1.0]))).all()  # non-positive and missing values: skipped
+
+
+def test_the_three_detectors_agree():
+    from gradsense.monitor.stats import FewSpikeDetector, ScalarSpikeDetector
+
+    rng = np.random.default_rng(0)
+    values = np.exp(rng.normal(size=(120, 3)) * 0.3)
+    values[80, 1] *= 20.0
+    values[10, 2] = np.nan
+    values[11, 0] = 0.0
+    opts = {"threshold": 6.0, "warmup": 20, "floor": 0.2}
+    a, b = SpikeDetector(3, **opts), FewSpikeDetector(3, **opts)
+    c = [ScalarSpikeDetector(**opts) for _ in range(3)]
+    for v in values:
+        za, zb = a.update(v), b.update(v)
+        zc = np.array([d.update(float(x)) for d, x in zip(c, v)])
+        np.testing.assert_allclose(za, zb, rtol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(za, zc, rtol=1e-12, equal_nan=True)
+    assert a.count.tolist() == [119, 120, 119]

@@ -12,9 +12,9 @@ from torch import nn
 
 import gradsense as gs
 from gradsense.monitor import Monitor
+from helpers import assert_model_unchanged, hooks_on
 
 EVERY_STEP = ["loss", "grad_norm", "weight_norm", "update", "alarms"]  # default schedules: every step
-from helpers import assert_model_unchanged, hooks_on
 
 
 class Mixed(nn.Module):

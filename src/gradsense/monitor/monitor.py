@@ -45,6 +45,7 @@ from gradsense.core.per_example import PerExampleNorms
 from gradsense.monitor.attention import AttentionProbe, find_attention_modules
 from gradsense.monitor.quantities import QUANTITIES, resolve_quantities
 from gradsense.monitor.stats import (
+    FewSpikeDetector,
     ScalarSpikeDetector,
     SpikeDetector,
     gram_cosines,
@@ -378,11 +379,12 @@ class Monitor:
         self._gns_hist: deque[tuple[float, float]] = deque(maxlen=gns_window)  # (trace, |G|^2) per step
         self._gns2_hist: deque[tuple[float, float]] = deque(maxlen=gns_window)
         self._z_hist: deque[tuple[int, np.ndarray]] = deque(maxlen=6)
-        self._spikes: SpikeDetector | None = None
+        self._spikes: SpikeDetector | FewSpikeDetector | None = None
         self._loss_spikes: ScalarSpikeDetector | None = None
         if "alarms" in q:
             opts = {"threshold": alarm_threshold, "decay": alarm_decay, "warmup": alarm_warmup, "floor": alarm_floor}
-            self._spikes = SpikeDetector(2 * len(self._module_groups), **opts)
+            n_series = 2 * len(self._module_groups)
+            self._spikes = FewSpikeDetector(n_series, **opts) if n_series <= 32 else SpikeDetector(n_series, **opts)
             self._loss_spikes = ScalarSpikeDetector(**opts)
         self.alarm_threshold = float(alarm_threshold)
         self._pe: PerExampleNorms | None = None

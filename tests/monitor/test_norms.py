@@ -278,3 +278,21 @@ def test_large_model_path_and_cheap_schedule():
     cheap = run(False, "cheap").series("update_norm/0")
     assert torch.isfinite(cheap[[0, 10]]).all() and torch.isnan(cheap[1:10]).all() and torch.isnan(cheap[11])
     torch.testing.assert_close(cheap[[0, 10]], a.series("update_norm/0")[[0, 10]])
+
+
+def test_log_refuses_own_names_bad_values_and_closed_monitor():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, opt, quantities="cheap")
+    with pytest.raises(ValueError, match="records itself"):
+        mon.log(grad_norm=1.0)
+    with pytest.raises(ValueError, match="records itself"):
+        mon.log(**{"update_ratio/x": 1.0})
+    with pytest.raises(ValueError, match="one-element"):
+        mon.log(lr=torch.ones(2))
+    with pytest.raises(ValueError, match="number"):
+        mon.log(lr="0.1")
+    mon.log(lr=0.1, loss=torch.tensor(2.0))
+    mon.close()
+    with pytest.raises(ValueError, match="closed"):
+        mon.log(loss=1.0)

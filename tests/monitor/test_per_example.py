@@ -73,6 +73,15 @@ def test_siamese_calls_add_before_the_norm_and_accumulation_concatenates():
         torch.testing.assert_close(v, torch.cat([first[n], second[n]]), rtol=1e-9, atol=1e-14)
 
 
+def test_batchnorm1d_on_rows_eval_mode():
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        model(torch.randn(16, 5, dtype=torch.float64))  # running statistics
+    model.eval()
+    check(model, F.cross_entropy, torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,)))
+
+
 def test_sum_reduction_scale_and_frozen_parameters():
     model = mlp()
     model[0].weight.requires_grad_(False)

@@ -235,10 +235,10 @@ def _norm(module: nn.Module, calls: list[_Call], b: int, budget: int | None) -> 
     for c in calls:
         xhat, cdim = _normalized(module, c.args[0].detach())
         d = c.grads[0].to(xhat.dtype)
-        if cdim == 1:  # (B, C, *): per-channel sums over the other dimensions
+        if cdim == 1:  # (B, C, *): per-channel sums over the other dimensions (none for (B, C))
             red = tuple(range(2, d.ndim))
-            xw = (d * xhat).sum(red) if want_w else None
-            xb = d.sum(red) if want_b else None
+            xw = ((d * xhat).sum(red) if red else d * xhat) if want_w else None
+            xb = (d.sum(red) if red else d) if want_b else None
         else:  # (B, ..., *normalized_shape)
             n_feat = math.prod(module.normalized_shape)
             xw = (d * xhat).reshape(b, -1, n_feat).sum(1) if want_w else None

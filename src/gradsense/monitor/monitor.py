@@ -56,7 +56,10 @@ from gradsense.results.monitor import Alarm, MonitorLog, MonitorResult
 
 __all__ = ["Monitor", "objectives"]
 
-_ACTIVE: dict[int, weakref.ReferenceType[Monitor]] = {}  # id(model) -> the monitor attached most recently
+_ACTIVE: dict[int, weakref.ReferenceType[Monitor]] = {}
+_OWN_PREFIXES = frozenset({"grad_norm", "grad_norm_clipped", "weight_norm", "update_norm", "update_ratio", "gns",
+                           "gns2", "snr", "coherence", "rotation", "attn_entropy", "curvature", "cos", "loss",
+                           "objective_grad_norm", "clip_factor", "nonfinite_grads"})  # id(model) -> the monitor attached most recently
 
 
 def objectives(model: nn.Module, **losses: Tensor) -> None:
@@ -346,6 +349,7 @@ class Monitor:
             core += [f"update_ratio/{g}" for g in groups]
         for c in core:
             self._column(c)
+        self._core_columns = frozenset(core)
 
         # ---------------------------------------------------------------- state
         self._step = 0
@@ -497,8 +501,14 @@ class Monitor:
         otherwise to the step in progress. Tensors are read without a device sync until the step is written.
 
         Raises:
-            ValueError: A value that is not a real number or a one-element tensor.
+            ValueError: A value that is not a real number or a one-element tensor, a name the monitor itself records
+                (other than ``loss``), or a closed monitor.
         """
+        if self.closed:
+            raise ValueError("the monitor is closed: log() needs an open monitor.")
+        for key in scalars:
+            if key != "loss" and (key in self._core_columns or key.split("/")[0] in _OWN_PREFIXES):
+                raise ValueError(f"log({key}=...): {key!r} is a name the monitor records itself; choose another name.")
         for key, value in scalars.items():
             if isinstance(value, Tensor):
                 if value.numel() != 1:

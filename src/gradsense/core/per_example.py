@@ -476,6 +476,8 @@ class PerExampleNorms:
             return
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         for name, module in self.modules.items():
+            if all(full in self.excluded for full in self.param_names[name].values()):
+                continue
             self._handles.append(module.register_forward_hook(self._make_hook(name), with_kwargs=True))
 
     def detach(self) -> None:

@@ -247,7 +247,7 @@ def main() -> None:
                 print(f"\n== minilm skipped: {err}")
                 continue
         rounds = args.rounds or (3 if args.quick else (3 if workload == "minilm" else 9))
-        steps = args.steps or {"cnn": 20, "mlp": 40, "minilm": 10}[workload]
+        steps = args.steps or {"cnn": 20, "mlp": 40, "minilm": 20}[workload]
         med = time_workload(workload, configs, rounds, steps)
         base = med["plain"]
         print(f"\n== {workload}: plain step {base * 1e3:.2f} ms ({rounds} rounds x {steps} steps, interleaved)")

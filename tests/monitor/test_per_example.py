@@ -160,3 +160,9 @@ def test_conv_gram_path_and_two_calls():
     model = Wide().double()
     x, y = torch.randn(5, 16, 4, 4, dtype=torch.float64), torch.randint(0, 2, (5,))
     check(model, F.cross_entropy, x, y)
+
+
+def test_inplace_activation_after_a_layer():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(5, 6), nn.ReLU(inplace=True), nn.Linear(6, 3), nn.Hardtanh(inplace=True)).double()
+    check(model, F.cross_entropy, torch.randn(7, 5, dtype=torch.float64), torch.randint(0, 3, (7,)))

@@ -617,7 +617,10 @@ class PerExampleNorms:
                     self._compute(key, grp)
                     del self._groups[key]
 
-            self._grad_handles.append(torch.autograd.graph.register_multi_grad_hook(outs, on_grads, mode="all"))
+            if len(outs) == 1:  # a tensor hook is ~10x cheaper to register than a multi-grad hook
+                self._grad_handles.append(outs[0].register_hook(lambda g, on_grads=on_grads: on_grads((g,))))
+            else:
+                self._grad_handles.append(torch.autograd.graph.register_multi_grad_hook(outs, on_grads, mode="all"))
 
         return hook
 

@@ -323,7 +323,6 @@ class Monitor:
         # step's per-parameter norms: 0 gradient at the end of backward, 1 gradient used, 2 weight, 3 update
         self._acc = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         self._one_device = len({p.device for p in self.params}) == 1
-        self._large = sum(p.numel() for p in self.params) > 2**21  # memory traffic outweighs per-tensor calls
         self._update_due = self._weight_due = False
         self._buf = torch.zeros(4, len(self.params), dtype=self._acc, device=self.device)
         self._assign64 = assign.to(self.device)
@@ -742,15 +741,8 @@ class Monitor:
         """``||w_old - w_new||`` per parameter into row 3 of the norm buffer, from the copy taken before the step."""
         assert self._snapshot is not None
         ps = [self.params[i].detach() for i in self._snap_idx]
-        if self._large:
-            # torch.dist reads both tensors once and writes nothing: two passes instead of four (subtract, norm)
-            vals = torch.stack([torch.dist(a, b).to(self._acc) for a, b in zip(self._snapshot, ps)])
-            row = self._buf[3]
-            row.zero_()
-            row[torch.tensor(self._snap_idx, device=self.device)] = vals.to(self.device)
-        else:
-            torch._foreach_sub_(self._snapshot, ps)  # old - new, in place in the copy
-            self._fill(3, self._snapshot, self._snap_idx)
+        torch._foreach_sub_(self._snapshot, ps)  # old - new, in place in the copy
+        self._fill(3, self._snapshot, self._snap_idx)
 
     def _fill(self, row: int, tensors: Sequence[Tensor | None], index: Sequence[int] | None = None) -> None:
         """Write the 2-norms of ``tensors`` (``None``: 0) into row ``row`` of the norm buffer, at the positions
@@ -1011,17 +1003,18 @@ class Monitor:
 
     # ---------------------------------------------------------------------------- rotation, attention, curvature
     def _rotation(self, row: dict[str, Any]) -> None:
+        """``1 - cos(w_t, w_0)`` per layer, from ``||w_t - w_0||`` and the norms (one parameter-sized temporary at a
+        time): ``1 - cos = (||a - b||^2 - (|a| - |b|)^2) / (2 |a| |b|)`` over the layer's weights."""
         assert self._init is not None
         ps = [p.detach() for p in self.params]
-        dots = torch.stack([(a.reshape(-1).to(torch.float64) @ b.reshape(-1).to(torch.float64)) for a, b in
-                            zip(ps, self._init)]).to(self.device)
-        n_now = _norms(ps, self.device).square()
-        n_init = _norms(self._init, self.device).square()
-        grouped = torch.stack([dots, n_now, n_init]) @ self._assign64
-        cos = grouped[0] / (grouped[1] * grouped[2]).sqrt()
-        host = cos.cpu().numpy()
+        dist = torch.stack([torch.linalg.vector_norm(a - b, dtype=torch.float64) for a, b in zip(ps, self._init)])
+        sq = torch.stack([dist, _norms(ps, self.device), _norms(self._init, self.device)]).cpu().numpy() ** 2
+        d2, now, init = sq @ self._assign_np  # squared norms per group
+        a, b = np.sqrt(now), np.sqrt(init)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rot = (d2 - (a - b) ** 2) / (2 * a * b)
         for k in self._module_groups:
-            row[f"rotation/{self.groups[k]}"] = 1.0 - float(host[k]) if np.isfinite(host[k]) else math.nan
+            row[f"rotation/{self.groups[k]}"] = float(rot[k]) if np.isfinite(rot[k]) else math.nan
 
     def _attention(self, row: dict[str, Any]) -> None:
         assert self._attn is not None

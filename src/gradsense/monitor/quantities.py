@@ -8,7 +8,7 @@ A quantity is recorded on a schedule: every ``n`` optimizer steps (``n`` from th
                update/weight ratios every 10 steps - one read of the gradients per step, one copy of the
                parameters in memory
 ``"standard"`` loss, gradient, weight and update norms every step, alarms; gradient noise scale, SNR and
-               coherence from per-example norms every 10 steps (and
+               coherence from per-example norms every 20 steps (and
                the two-batch estimator where micro-batches or ranks give two batch sizes), layer rotation every
                50 steps (a second copy of the parameters: the initial ones), attention entropy every 50 steps
 ``"full"``     standard with per-example statistics every step, rotation and attention entropy every 10 steps,
@@ -48,7 +48,7 @@ QUANTITIES: dict[str, str] = {
 _EVERY_STEP = {"loss": 1, "grad_norm": 1, "weight_norm": 1, "update": 1, "alarms": 1, "conflict": 1}
 PRESETS: dict[str, dict[str, int]] = {
     "cheap": {**_EVERY_STEP, "weight_norm": 10, "update": 10},
-    "standard": {**_EVERY_STEP, "gns": 10, "rotation": 50, "attention": 50},
+    "standard": {**_EVERY_STEP, "gns": 20, "rotation": 50, "attention": 50},
     "full": {**_EVERY_STEP, "gns": 1, "rotation": 10, "attention": 10, "curvature": 100},
 }
 _DEFAULT_EVERY = {**PRESETS["full"], "gns": 10, "rotation": 50, "attention": 50}  # for a list of names

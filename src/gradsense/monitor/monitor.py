@@ -149,7 +149,8 @@ class Monitor:
         every: Record every ``every``-th optimizer step (schedules count in steps too).
         log_dir: Run folder to write as training goes (``LOG_DIR/monitor/``: safetensors shards, JSON lines and an
             atomic manifest; readable while running and after a crash; see :mod:`gradsense.results.monitor`).
-            On close the final :class:`~gradsense.results.MonitorResult` is saved there as well.
+            On close the final :class:`~gradsense.results.MonitorResult` is saved there as well. With a log_dir the
+            rows are not kept in memory (:meth:`result` reads them back), so long runs take no growing memory.
         tensorboard: ``True`` (``LOG_DIR/tensorboard``) or a folder: TensorBoard event files (needs ``tensorboard``).
         per: ``"module"`` (per-layer scalars), ``"parameter"``, or both as a tuple.
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss of a step combines its examples. Only the absolute
@@ -613,10 +614,20 @@ class Monitor:
     def result(self) -> MonitorResult:
         """The scalars and alarms recorded so far (the last step included) as a :class:`MonitorResult`."""
         self._finalize()
-        steps = torch.tensor([s for s, _ in self._rows], dtype=torch.int64)
-        values = np.full((len(self._rows), len(self.columns)), np.nan)
-        for i, (_, row) in enumerate(self._rows):
-            values[i, : row.size] = row
+        if self._log is not None:  # the rows live on disk (flushed at every step), not in memory
+            from gradsense.results.monitor import read_monitor_log
+
+            assert self.log_dir is not None
+            log_steps, log_cols, log_values, _, _ = read_monitor_log(self.log_dir)
+            steps = torch.from_numpy(log_steps)
+            values = np.full((log_values.shape[0], len(self.columns)), np.nan)
+            index = [self._col[c] for c in log_cols]
+            values[:, index] = log_values
+        else:
+            steps = torch.tensor([s for s, _ in self._rows], dtype=torch.int64)
+            values = np.full((len(self._rows), len(self.columns)), np.nan)
+            for i, (_, row) in enumerate(self._rows):
+                values[i, : row.size] = row
         meta = {**self._static_meta(), **self._dynamic_meta()}
         return MonitorResult.build(
             {"steps": steps, "values": torch.from_numpy(values)}, method="monitor",
@@ -913,7 +924,10 @@ class Monitor:
         for k, v in vals.items():
             row[self._col[k]] = v
         self._alarms.extend(alarms)
-        self._rows.append((step, row))
+        if self._log is not None:
+            self._rows = [(step, row)]  # the log holds the others; this one may still be patched
+        else:
+            self._rows.append((step, row))
         if self._log is not None:
             self._log.append(step, self.columns, row, [a.to_json() for a in alarms])
         return row

@@ -72,18 +72,23 @@ def test_noise_estimates_special_cases():
 
 
 class Quadratic(nn.Module):
-    """loss_i = |w - x_i|^2 / 2: per-example gradient w - x_i, covariance Sigma = Cov(x)."""
+    """loss_i = |w - x_i|^2 / 2: per-example gradient w - x_i, covariance Sigma = Cov(x). ``w`` is the bias of a
+    Linear layer whose weight is frozen at zero (so that per-example norms take the closed-form Linear rule)."""
 
     def __init__(self, d: int) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+        self.lin = nn.Linear(d, d).double()
+        with torch.no_grad():
+            self.lin.weight.zero_()
+            self.lin.bias.zero_()
+        self.lin.weight.requires_grad_(False)
 
     def forward(self, x):
-        return x - self.w
+        return x - self.lin(x)
 
 
 def test_two_batch_and_per_example_estimators_unbiased_on_a_quadratic():
-    d, micro, k, steps = 6, 8, 4, 300
+    d, micro, k, steps = 6, 8, 4, 200
     mu = torch.linspace(-1.0, 1.0, d, dtype=torch.float64) * 0.3
     sigma = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
     true_gsq, true_tr = float(mu @ mu), float((sigma**2).sum())  # w = 0: G = -mu

@@ -89,7 +89,7 @@ def test_kill_9_leaves_every_completed_step(tmp_path):
         import os, signal, sys
         sys.path.insert(0, {SRC!r})
         sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_writers import small_run
+        from test_monitor_writers import small_run
         import torch
         mon = small_run({str(tmp_path)!r}, 7, compact_every=3)
         os.kill(os.getpid(), signal.SIGKILL)

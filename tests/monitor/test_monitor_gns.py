@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from models import mlp
+from monitor_models import mlp
 from torch import nn
 
 from gradsense.monitor import Monitor

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from models import Siamese, TextModel, mlp, zoo_model
+from monitor_models import Siamese, TextModel, mlp, zoo_model
 from torch import nn
 
 from gradsense.core.per_example import PerExampleNorms, pair_sq_norms

@@ -50,13 +50,28 @@ def train(tmp_path, callback=None, max_grad_norm=0.1, accumulation=2):
     return model, trainer
 
 
-@pytest.mark.filterwarnings("ignore:per-example gradient norms:RuntimeWarning")
-def test_hf_trainer_bitwise_identical_and_grad_norm_equals_hf(tmp_path):
-    ref, _ = train(tmp_path / "a")
-    cb = gs.monitor.HFCallback("standard", log_dir=tmp_path / "run")
-    model, trainer = train(tmp_path / "b", cb)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train(tmp_path_factory.mktemp("ref"))[0]
+
+
+def assert_same_weights(ref, model):
     for (k, v), (k2, w) in zip(ref.state_dict().items(), model.state_dict().items()):
         assert k == k2 and torch.equal(v, w), k
+
+
+def test_hf_trainer_bitwise_identical_cheap(tmp_path, reference):
+    cb = gs.monitor.HFCallback("cheap")
+    model, _ = train(tmp_path, cb)
+    assert_same_weights(reference, model)
+    assert cb.result().steps.numel() == 6
+
+
+@pytest.mark.filterwarnings("ignore:per-example gradient norms:RuntimeWarning")
+def test_hf_trainer_bitwise_identical_and_grad_norm_equals_hf(tmp_path, reference):
+    cb = gs.monitor.HFCallback("standard", log_dir=tmp_path / "run")
+    model, trainer = train(tmp_path / "b", cb)
+    assert_same_weights(reference, model)
     res = gs.monitor.MonitorResult.read(tmp_path / "run")
     assert res.steps.tolist() == list(range(6)) and not res.meta["running"]
     hf = [h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h]

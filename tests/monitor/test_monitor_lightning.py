@@ -50,12 +50,27 @@ def fit(callbacks=(), objectives=False, accumulate=1):
     return module
 
 
-def test_lightning_bitwise_identical_loss_and_clipping():
-    ref = fit(accumulate=2)
-    cb = gs.monitor.LightningCallback("standard")
-    module = fit([cb], accumulate=2)
+@pytest.fixture(scope="module")
+def reference():
+    return fit(accumulate=2)
+
+
+def assert_same_weights(ref, module):
     for (k, v), (k2, w) in zip(ref.state_dict().items(), module.state_dict().items()):
         assert k == k2 and torch.equal(v, w), k
+
+
+def test_lightning_bitwise_identical_cheap(reference):
+    cb = gs.monitor.LightningCallback("cheap")
+    assert_same_weights(reference, fit([cb], accumulate=2))
+    assert cb.result().steps.numel() == 6
+
+
+def test_lightning_bitwise_identical_loss_and_clipping(reference):
+    ref = reference
+    cb = gs.monitor.LightningCallback("standard")
+    module = fit([cb], accumulate=2)
+    assert_same_weights(ref, module)
     res = cb.result()
     assert res.steps.tolist() == list(range(6))
     seen = torch.tensor(module.seen, dtype=torch.float64).reshape(6, 2).mean(1)

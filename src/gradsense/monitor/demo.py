@@ -1,7 +1,7 @@
 """The training-monitor section of ``gradsense demo``: a monitored run of the digits ViT with a provoked spike.
 
 ``demo_section(run, report)`` trains a freshly initialised tiny ViT (the bundled ``digits-vit`` architecture; AdamW,
-warm-up, shifted digits) for 160 steps under the ``standard`` preset, measures the conflict between
+warm-up, shifted digits) for 120 steps under the ``standard`` preset, measures the conflict between
 two objectives (the loss on digits 0-4 and on digits 5-9) every few steps, and at one step multiplies the learning
 rate of one layer's parameter group by 40: the alarm that follows names that layer at that step.
 """
@@ -13,7 +13,7 @@ from typing import Any
 __all__ = ["demo_section"]
 
 
-def demo_section(run: Any, report: Any, *, steps: int = 160, spike_step: int = 120, spike_layer: str = "blocks.1.mlp.fc1",
+def demo_section(run: Any, report: Any, *, steps: int = 120, spike_step: int = 90, spike_layer: str = "blocks.1.mlp.fc1",
                  seed: int = 0) -> Any:
     """Add the monitored training run to a demo report.
 

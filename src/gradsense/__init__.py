@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 # name -> module that defines it; a name whose module is itself is a subpackage
 _SUBMODULES = (
     "attribution", "core", "curvature", "evaluation", "importance", "influence", "io", "landscape", "losses",
-    "privacy", "results", "targets", "viz", "zoo",
+    "monitor", "privacy", "results", "targets", "viz", "zoo",
 )
 _FUNCTIONS = {
     "attribute": "gradsense.attribution",
@@ -70,6 +70,7 @@ __all__ = [
     "load_model",
     "loss_surface",
     "losses",
+    "monitor",
     "privacy",
     "results",
     "sharpness",
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
         io,
         landscape,
         losses,
+        monitor,
         privacy,
         results,
         targets,

@@ -15,6 +15,7 @@ from gradsense.cli.hessian import hessian_cmd
 from gradsense.cli.importance import importance_cmd
 from gradsense.cli.influence import influence_cmd
 from gradsense.cli.landscape import landscape_cmd
+from gradsense.cli.monitor import monitor_cmd
 
 EPILOG = """\b
 Examples:
@@ -31,6 +32,7 @@ Examples:
   gradsense influence --model zoo:digits-cnn --train digits:train \\
       --query "digits:test[:4]" --method ekfac
   gradsense audit --model zoo:photos-lenet --data photos --out runs/audit
+  gradsense monitor runs/train            # report of a monitored training run
 \b
 Models: zoo:NAME, path/file.py:factory, package.module:factory, hf:DIR.
 Data: zoo:NAME, .npy/.npz/.safetensors/.pt, .csv, image folders, .txt/.jsonl.
@@ -57,6 +59,7 @@ cli.add_command(importance_cmd)
 cli.add_command(influence_cmd)
 cli.add_command(landscape_cmd)
 cli.add_command(audit_cmd)
+cli.add_command(monitor_cmd)
 
 
 def main() -> None:

@@ -40,3 +40,6 @@ __all__ += ["BitsResult", "CurveResult", "GlobalSensitivityResult", "ImportanceR
 from gradsense.results.privacy import AuditResult, ReconstructionResult  # noqa: E402
 
 __all__ += ["AuditResult", "ReconstructionResult"]
+from gradsense.results.monitor import Alarm, MonitorResult  # noqa: E402
+
+__all__ += ["Alarm", "MonitorResult"]

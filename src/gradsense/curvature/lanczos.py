@@ -157,8 +157,9 @@ class EigenPairs:
             smallest (ascending). Repeated eigenvalues appear as often as their multiplicity.
         eigenvectors: ``(k, n)`` orthonormal Ritz vectors as rows (the operator's dtype and device).
         residuals: ``(k,)`` float64 residual norms ``||A y - theta y||`` (unit ``y``).
-        errors: ``(k,)`` float64 estimated eigenvalue errors ``|theta - lambda|`` (see
-            :func:`error_estimates`).
+        errors: ``(k,)`` float64 estimated eigenvalue errors ``|theta - lambda|``: ``r^2 / d`` with the
+            effective gap ``d`` measured from the last two steps where defined, else ``min(r, r^2 / gap)``
+            (:func:`error_estimates`), never below ``eps * max|theta|`` of the operator's dtype.
         converged: ``(k,)`` bool: the pair met the tolerance *and* it is confirmed to be among the ``k``
             extreme ones (no copy of a repeated eigenvalue, no eigenvalue beyond it left unseen).
         n_matvec: Operator-vector products used.
@@ -259,6 +260,7 @@ class ThickRestartLanczos:
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.floor = float(torch.finfo(start.dtype).eps) ** 0.5 if floor is None else float(floor)
         self._breakdown = _breakdown_tol(start.dtype)
+        self._eps = float(torch.finfo(start.dtype).eps)
         norm = torch.linalg.vector_norm(start)
         if not bool(norm > 0) or not bool(torch.isfinite(norm)):
             raise ValueError("the Lanczos start vector must be finite and nonzero.")
@@ -282,7 +284,7 @@ class ThickRestartLanczos:
         """Start a run from the unit vector ``v`` (orthogonal to the locked vectors)."""
         free = self.n - self.Y.shape[0]
         self.m = int(min(free, max(self.basis_size, min(self.k_total, free) + 2)))
-        self.V = v.new_zeros((self.m, self.n))
+        self.V = v.new_empty((self.m, self.n))  # rows beyond j are never read before they are written
         self.V[0] = v
         self.T = np.zeros((self.m, self.m))
         self.C = np.zeros((self.Y.shape[0], self.m))  # C[:, i] = Y (A v_i): coupling to the locked vectors
@@ -366,7 +368,7 @@ class ThickRestartLanczos:
         i = self.j - 1
         self.n_matvec += 1
         w = product.reshape(-1).to(self.V.dtype)
-        if not bool(torch.isfinite(w).all()):
+        if not math.isfinite(float(torch.linalg.vector_norm(w))):  # one pass; NaN/inf anywhere shows here
             raise FloatingPointError("the operator returned a non-finite product (NaN/inf in the curvature).")
         n_locked = self.Y.shape[0]
         basis = torch.cat([self.Y, self.V[: self.j]]) if n_locked else self.V[: self.j]
@@ -382,7 +384,8 @@ class ThickRestartLanczos:
                          float(np.abs(self.lval).max()) if self.lval.size else 0.0)
         coupling = np.linalg.norm(self.C[:, : self.j] @ s, axis=0) if n_locked else 0.0
         res = np.sqrt((beta * np.abs(s[-1, :])) ** 2 + coupling**2)
-        err = self._secant(theta, res, error_estimates(theta, res, theta, res))
+        # no estimate below the rounding of the products themselves (eps of the dtype times the scale)
+        err = np.maximum(self._secant(theta, res, error_estimates(theta, res, theta, res)), self._eps * self.scale)
         thresh = self._thresh(theta)
         if self.criterion == "residual":
             ok = res <= thresh

@@ -207,10 +207,15 @@ class ThickRestartLanczos:
     - ``criterion="residual"``: ``||A y - theta y|| <= tol * max(|theta|, floor * s)`` (read at no cost
       from the Lanczos relation ``A V = V T + f e_j^T`` as ``||f|| * |s_j|``); the eigenvalue is then
       accurate to about ``residual^2 / gap``, far better than ``tol``;
-    - ``criterion="eigenvalue"``: the estimated eigenvalue error ``min(r, r^2 / gap)``
-      (:func:`error_estimates`, the gap from the Ritz values) ``<= tol * max(|theta|, floor * s)``: ``tol``
-      is the relative eigenvalue accuracy wanted, and far fewer products are spent; the vectors are then
-      less accurate (residual about ``sqrt(tol * |theta| * gap)``).
+    - ``criterion="eigenvalue"``: the estimated eigenvalue error ``<= tol * max(|theta|, floor * s)`` and
+      the Ritz value moved by at most a tenth of that in the last step (a value still creeping towards a
+      crowded end of the spectrum is not done, whatever the estimate says). The estimate is ``r^2 / d``
+      with the effective gap ``d = (r_prev^2 - r^2) / (theta - theta_prev)`` measured over the last step
+      (near convergence ``e = r^2 / d`` with ``d`` changing slowly), else Kato-Temple's ``min(r, r^2 /
+      gap)`` with the gap from the Ritz values (:func:`error_estimates`). ``tol`` is then the relative
+      eigenvalue accuracy wanted, and fewer products are spent; the vectors are less accurate (residual
+      about ``sqrt(tol * |theta| * gap)``). Where the end of the spectrum is a continuum on the scale of
+      ``tol`` (no gap), no criterion can certify the extreme value and the error can exceed ``tol``.
 
     Args:
         start: ``(n,)`` start vector (any nonzero vector; normalised here). Its dtype and device are used.

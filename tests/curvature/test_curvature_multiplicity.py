@@ -197,3 +197,19 @@ def test_eigenvalue_criterion_meets_the_accuracy_asked_for_with_an_honest_estima
 def test_bad_criterion_is_one_clear_error(mlp_case):
     with pytest.raises(ValueError, match="criterion must be"):
         hessian_eigs(mlp_case.model, F.cross_entropy, (mlp_case.x, mlp_case.y), criterion="exact")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_eigenvalue_criterion_on_a_crowded_top_of_the_spectrum(seed):
+    # four close outliers over a bulk: the Ritz gap is a poor guide here, the estimate must still be honest
+    spectrum = torch.cat([torch.tensor([1.0, 0.97, 0.95, 0.9], dtype=F64),
+                          torch.rand(296, generator=torch.Generator().manual_seed(0), dtype=F64) * 0.8])
+    a = symmetric_with_spectrum(spectrum, seed=2)
+    for tol in (1e-3, 1e-6):
+        by_value = lanczos_eigs(lambda rows: rows @ a, 300, k=1, tol=tol, criterion="eigenvalue", seed=seed)
+        by_residual = lanczos_eigs(lambda rows: rows @ a, 300, k=1, tol=tol, seed=seed)
+        true = abs(float(by_value.eigenvalues[0]) - 1.0)
+        est = float(by_value.errors[0])
+        assert bool(by_value.converged.all()) and true <= tol, (tol, true)
+        assert true / 3 <= est <= 3 * true, (tol, est, true)
+        assert by_value.n_matvec < by_residual.n_matvec

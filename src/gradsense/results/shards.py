@@ -52,7 +52,7 @@ from gradsense.core.batching import progress
 from gradsense.core.distributed import is_main_process, world
 from gradsense.results.base import atomic_write_bytes, atomic_write_text, versions
 
-__all__ = ["MANIFEST", "ShardStore", "is_shard_store"]
+__all__ = ["MANIFEST", "ShardStore", "is_shard_store", "previous_run"]
 
 MANIFEST = "shards.json"
 FORMAT = "gradsense-shards"
@@ -62,6 +62,22 @@ FORMAT_VERSION = 1
 def is_shard_store(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder with a shard manifest."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def previous_run(path: str | os.PathLike[str] | None, resume: bool) -> dict[str, Any] | None:
+    """The manifest of the run to be resumed in ``path`` (``None``: not resuming, or nothing there yet).
+
+    Lets a run inherit the sizes it was started with (rows per shard, chunk size) when the caller does not
+    give them again, so that ``resume=True`` alone continues the same run. An unreadable manifest gives
+    ``None`` here; opening the store names the problem.
+    """
+    if path is None or not resume or not is_shard_store(path):
+        return None
+    try:
+        old = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("format") == FORMAT else None
 
 
 def _normalise(config: Mapping[str, Any]) -> dict[str, Any]:

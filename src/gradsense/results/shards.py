@@ -277,11 +277,13 @@ class ShardStore:
         self._barrier()
 
     def run(self, compute: Callable[[int, slice], Mapping[str, Tensor]], *, desc: str = "",
-            show_progress: bool | None = None) -> None:
+            show_progress: bool | None = None, collective: bool = False) -> None:
         """Compute and write every pending shard: ``compute(index, rows) -> {name: tensor}``.
 
         Completed shards are skipped. Under ``torch.distributed`` the pending shards are dealt to the ranks in
-        turn and rank 0 writes them all. A progress bar with an ETA shows on a TTY (``show_progress``).
+        turn and rank 0 writes them all; with ``collective=True`` every rank computes every shard together (a
+        computation that itself splits the data over the ranks and reduces, such as a Hessian-vector product
+        over a dataset) and rank 0 writes it. A progress bar with an ETA shows on a TTY (``show_progress``).
         """
         if is_main_process():
             self.path.mkdir(parents=True, exist_ok=True)
@@ -296,9 +298,14 @@ class ShardStore:
         label = desc or self.what
         if self.done:
             label = f"{label} (resuming: {len(self.done)}/{self.n_shards} shards done)"
-        if size == 1:
-            for i in progress(pending, total=len(pending), desc=label, enabled=show_progress):
+        if size == 1 or collective:
+            shown = show_progress if is_main_process() else False
+            for i in progress(pending, total=len(pending), desc=label, enabled=shown):
                 self.write(i, compute(i, self.rows(i)))
+                if not is_main_process():
+                    rows = self.rows(i)
+                    self.entries[i] = {"index": i, "start": rows.start, "stop": rows.stop}
+            self._barrier()
             return
         rounds = [pending[j:j + size] for j in range(0, len(pending), size)]
         for group in progress(rounds, total=len(rounds), desc=label, enabled=show_progress):

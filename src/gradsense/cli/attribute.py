@@ -179,6 +179,10 @@ def _whole_dataset(run: Run, model: Any, method: str, target: str | None, opts: 
             shard_size=shard_size, seed=run.seed, loss_fn=run.loss() if tgt == "loss" else None,
             feature_names=data.feature_names, class_names=data.classes, show_progress=bar, name=run.model_spec,
             **kwargs)
+    from gradsense.core.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun: rank 0 reports and writes
+        return
     run.rows(result.title, result.summary(), name=name)
     _aggregate_tables(run, result)
     if run.out:

@@ -326,3 +326,19 @@ def test_two_gloo_processes_equal_one_process_bitwise(tmp_path):
     _equal(DatasetAttribution.load(tmp_path / "two"), one)
     shards = json.loads((tmp_path / "two" / MANIFEST).read_text())["shards"]
     assert [e["index"] for e in shards] == list(range(8))  # every shard once, none lost or duplicated
+
+
+def test_resume_keeps_the_chunk_size_fixed_at_the_start(tmp_path, monkeypatch):
+    """Rows per forward/backward come from the free memory at the start; a resume with other free memory must not
+    change them (nor refuse the run): the chunk size is kept in the manifest."""
+    import gradsense.attribution.dataset as mod
+
+    model, (x, y) = make_model(), make_data()
+    monkeypatch.setattr(mod, "chunk_size_for", lambda *a, **k: 7)
+    first = gs.attribute_dataset(model, (x, y), method="smoothgrad", n_samples=3, shard_size=10, out=tmp_path)
+    assert first.meta["settings"]["chunk_size"] == 7
+    monkeypatch.setattr(mod, "chunk_size_for", lambda *a, **k: 1000)
+    again = gs.attribute_dataset(model, (x, y), method="smoothgrad", n_samples=3, out=tmp_path, resume=True)
+    _equal(again, first)
+    fresh = gs.attribute_dataset(model, (x, y), method="smoothgrad", n_samples=3, shard_size=10)
+    assert fresh.meta["settings"]["chunk_size"] == 1000

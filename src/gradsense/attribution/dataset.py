@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, accepted_options, get_method
+from gradsense.core.batching import chunk_size_for, estimate_example_bytes
 from gradsense.core.checks import check_inputs, check_positive_int, draw_seed, first_forward
 from gradsense.core.distributed import world
 from gradsense.core.functional import check_model, model_fingerprint
@@ -201,7 +202,8 @@ def attribute_dataset(
         show_progress: Progress bar with ETA (default: on a TTY).
         name: Model name for the result.
         **options: The method's settings (as for :func:`~gradsense.attribution.attribute`), e.g. ``steps=32``,
-            ``n_samples=20``, ``chunk_size``/``max_memory`` (rows per forward/backward).
+            ``n_samples=20``, ``chunk_size``/``max_memory`` (rows per forward/backward; the chunk size is fixed from
+            the budget at the start and kept for a resume, so that every shard is computed alike).
 
     Returns:
         A :class:`~gradsense.results.attribution.DatasetAttribution`: maps read lazily from the shards
@@ -256,8 +258,16 @@ def attribute_dataset(
         shard_size = int(old["shard_rows"]) if old is not None else max(1, min(MAX_SHARD_ROWS, SHARD_BYTES // map_bytes))
     shard_size = check_positive_int(shard_size, "shard_size")
     random = _takes_seed(cls)
+    if options.get("chunk_size") is None:  # fixed once and kept in the config: the free memory of a later resume
+        inherited = (old or {}).get("config", {}).get("option chunk_size")  # must not change it
+        if inherited is not None:
+            options["chunk_size"] = int(inherited)
+        else:
+            per_row = estimate_example_bytes(model, x0[:1])
+            options["chunk_size"] = chunk_size_for(per_row, max_memory=options.get("max_memory"), device=x0.device)
     settings = {k: _describe(v) for k, v in sorted(options.items()) if k not in ("show_progress",)}
-    config = {"what": "attribution maps", "method": cls.name, "options": settings, "target": targets.describe(),
+    config = {"what": "attribution maps", "method": cls.name, **{f"option {k}": v for k, v in settings.items()},
+              "target": targets.describe(),
               "model": model_fingerprint(model)["sha256"], "n": n, "data": data_probe(data, n),
               "input_shape": list(x0.shape[1:]), "dtype": str(x0.dtype), "seed": seed if random else None,
               "keep_inputs": bool(keep_inputs)}

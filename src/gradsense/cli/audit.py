@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from gradsense.cli.common import console, friendly_errors, model_option
+from gradsense.cli.common import Run, analysis_command
 
 
 def _parse_list(text: str, kind: type, what: str) -> list[Any]:
@@ -19,18 +19,6 @@ def _parse_list(text: str, kind: type, what: str) -> list[Any]:
     if not items:
         raise ValueError(f"{what} is empty.")
     return items
-
-
-def _print(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*r)
-    console.print(table)
 
 
 def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str = "audit") -> Path:
@@ -64,11 +52,12 @@ def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str
     return report.write(Path(out) / "report.html")
 
 
-@click.command("audit", short_help="What a shared gradient reveals, and what defences cost.")
-@model_option
-@click.option("--data", "data_name", required=True, help="zoo dataset the clients hold, e.g. photos or digits.")
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
-              help="split the audited batches (and the fine-tune) come from.")
+@analysis_command("audit", short_help="What a shared gradient reveals, and what defences cost.", split="train",
+                  n=None, n_help="number of client examples the audited batches are drawn from (the first N).",
+                  data_help="the data the clients hold: zoo:NAME (photos, digits; a bare name works), a tensor file, "
+                            "a .csv or an image folder; --split picks the zoo split the batches come from.")
+@click.option("--heldout", "heldout_spec", default=None, metavar="SPEC",
+              help="held-out data for the accuracy cost (default: the other split of zoo data).")
 @click.option("--attacks", default="idlg,dlg,inverting", show_default=True,
               help="comma-separated: idlg, dlg, inverting, analytic.")
 @click.option("--defenses", default="none,prune,dp,int8,local", show_default=True,
@@ -79,16 +68,13 @@ def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str
 @click.option("--dlg-steps", default=None, type=int, help="L-BFGS iterations of the DLG attack (default 100).")
 @click.option("--restarts", default=None, type=int, help="random restarts of the inverting attack (default 1).")
 @click.option("--n-heldout", default=256, show_default=True, type=int,
-              help="held-out examples (the other split) for the accuracy cost; 0 skips the fine-tunes.")
+              help="held-out examples for the accuracy cost; 0 skips the fine-tunes.")
 @click.option("--finetune-steps", default=50, show_default=True, type=int, help="rounds of the accuracy fine-tune.")
 @click.option("--untrained", is_flag=True, help="attack a freshly initialised copy of the architecture (as DLG and "
               "Inverting Gradients do) instead of the trained weights.")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the batches, noise and attack starts.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="run folder to write (result, figures, report).")
-@friendly_errors
-def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, attacks: str, defenses: str,
-              batch_sizes: str, n_batches: int, steps: int | None, dlg_steps: int | None, restarts: int | None,
-              n_heldout: int, finetune_steps: int, untrained: bool, seed: int, out: str | None) -> None:
+def audit_cmd(run: Run, heldout_spec: str | None, attacks: str, defenses: str, batch_sizes: str, n_batches: int,
+              steps: int | None, dlg_steps: int | None, restarts: int | None, n_heldout: int, finetune_steps: int,
+              untrained: bool) -> None:
     """What can a server reconstruct from the gradients clients share, and what does each defence cost?
 
     Runs every attack on every defence's shared message for batches of every size, scores the reconstructions
@@ -104,7 +90,6 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
     import torch
 
     import gradsense as gs
-    from gradsense.specs import load_model
 
     for value, flag in ((n_batches, "--n-batches"), (finetune_steps, "--finetune-steps")):
         if value < 1:
@@ -116,18 +101,29 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
     defense_list = _parse_list(defenses, str, "--defenses")
     for d in defense_list:
         gs.privacy.parse_defense(d)
-    model = load_model(model_spec, weights=weights)
+    model = run.model()
+    seed, split = run.seed, str(run.options.get("split") or "train")
+    spec = run.data_spec()
+    if spec is None:
+        raise ValueError("`gradsense audit` needs --data SPEC (the data the clients hold).")
+    loaded = run.data(split=split, labels=True)
+    data = (loaded.inputs, loaded.labels)
+    heldout = None
+    if n_heldout:
+        other = "test" if split == "train" else "train"
+        if heldout_spec is not None:
+            held = run.data(spec=heldout_spec, split=other, n=n_heldout, labels=True)
+        elif spec.startswith("zoo:") or not any(c in spec for c in "./"):
+            held = run.data(spec=spec, split=other, n=n_heldout, labels=True)
+        else:
+            raise ValueError(f"{spec} has no other split: give --heldout SPEC for the accuracy cost, or --n-heldout 0.")
+        heldout = (held.inputs, held.labels)
     if untrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for m in model.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-    data = gs.zoo.dataset(data_name, split=split)
-    heldout = None
-    if n_heldout:
-        other = gs.zoo.dataset(data_name, split="test" if split == "train" else "train")
-        heldout = other[:n_heldout]
     options: dict[str, dict[str, Any]] = {}
     if steps is not None:
         options["inverting"] = {"steps": steps}
@@ -135,22 +131,28 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
         options.setdefault("inverting", {})["restarts"] = restarts
     if dlg_steps is not None:
         options["dlg"] = {"steps": dlg_steps}
-    name = model_spec + (" (untrained)" if untrained else "")
-    res = gs.privacy.audit(model, gs.losses.cross_entropy, data, attacks=attack_list, defenses=defense_list,
-                           batch_sizes=sizes, n_batches=n_batches, heldout=heldout, attack_options=options,
-                           finetune_steps=finetune_steps, seed=seed, name=name)
+    name = run.model_spec + (" (untrained)" if untrained else "")
+    data_name = spec[4:] if spec.startswith("zoo:") else spec
+    with run.stage("attacks and defences"):
+        res = gs.privacy.audit(model, run.loss(), data, attacks=attack_list, defenses=defense_list,
+                               batch_sizes=sizes, n_batches=n_batches, heldout=heldout, attack_options=options,
+                               finetune_steps=finetune_steps, seed=seed, name=name)
     header, rows = res.table()
-    _print(f"What {name} leaks: {data_name} ({split}), {n_batches} batch(es) per size", header, rows,
-           caption="cells: mean / worst case (the most revealing image, or batch for labels)")
+    run.table(f"What {name} leaks: {data_name} ({split}), {n_batches} batch(es) per size", header, rows,
+              name="leakage")
+    run.note("cells: mean / worst case (the most revealing image, or batch for labels)")
     costs = res.cost_table()
     if costs is not None:
-        _print(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_heldout} held-out examples", *costs,
-               caption="cost in percentage points against no defence; ε at delta 1e-5 (RDP)")
-    console.print("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not.")
-    if out:
-        path = write_audit(res, out, title=f"gradsense audit: {name} on {data_name}", text=(
-            f"Every attack on what a client shares under every defence, for batches of {', '.join(map(str, sizes))} "
-            f"{data_name} examples ({n_batches} per size). PSNR/SSIM compare each original with its best-matched "
-            "reconstruction; label accuracy counts the recovered labels as a multiset. Below ~20 dB a photo is not "
-            "recognisable; labels leak even when images do not."))
-        console.print(f"wrote {path}")
+        run.table(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_heldout} held-out examples", *costs,
+                  name="cost")
+        run.note("cost in percentage points against no defence; ε at delta 1e-5 (RDP)")
+    run.note("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not.")
+    run.add("privacy-audit", res)
+    if run.out:
+        with run.stage("writing the run folder"):
+            path = write_audit(res, run.out, title=f"gradsense audit: {name} on {data_name}", text=(
+                f"Every attack on what a client shares under every defence, for batches of "
+                f"{', '.join(map(str, sizes))} {data_name} examples ({n_batches} per size). PSNR/SSIM compare each "
+                "original with its best-matched reconstruction; label accuracy counts the recovered labels as a "
+                "multiset. Below ~20 dB a photo is not recognisable; labels leak even when images do not."))
+        run.wrote(path)

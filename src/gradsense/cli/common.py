@@ -7,7 +7,8 @@
 - the data: ``--data SPEC`` (alias ``--dataset``; ``zoo:NAME``, tensors, ``.csv``, an image folder, text), ``--split``,
   ``--n``, and how to read it: ``--inputs-key``, ``--labels-key``, ``--label-column``, ``--text-key``,
   ``--input-shape C,H,W``, ``--normalize MEAN,STD``;
-- the run: ``--loss``, ``--device``, ``--batch-size``, ``--max-memory``, ``--seed``, ``--out DIR``, ``--json``;
+- the run: ``--loss``, ``--device``, ``--batch-size``, ``--max-memory``, ``--seed``, ``--out DIR``, ``--resume``
+  (continue the sharded run in ``--out``), ``--json``;
 
 collects them into a :class:`Run` handed to the command as its first argument, and turns every mistake into
 one ``error: ...`` line with exit code 2 (no traceback). A command reports through the run: ``run.stage()``
@@ -338,7 +339,7 @@ class Run:
         self.options = options
         self.out: Path | None = Path(options["out"]) if options.get("out") else None
         self.json = bool(options.get("json"))
-        # a later --resume flag sets this; commands that can resume read it (the shared options stay one set)
+        # --resume: commands that write shards continue the run in --out (the shared options stay one set)
         self.resume = bool(options.get("resume", False))
         self._t0 = time.perf_counter()
         self._tty = sys.stderr.isatty()
@@ -413,6 +414,21 @@ class Run:
             bar.add_task(f"{self.command}: {text}", total=None)
             yield
         err.print(f"[green]✓[/] {self.command}: {_escape(text)} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+
+    @contextlib.contextmanager
+    def long_stage(self, text: str) -> Iterator[bool]:
+        """A stage that reports its own progress: on a terminal it yields ``True`` and the caller shows its progress
+        bar with an ETA (no spinner beside it); otherwise one line on stderr, and it yields ``False``."""
+        if self._tty and _progress_enabled():
+            t0 = time.perf_counter()
+            yield True
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[green]✓[/] {self.command}: {_escape(text)} "
+                                       f"[dim]({time.perf_counter() - t0:.1f} s)[/]")
+            return
+        with self.stage(text):
+            yield False
 
     # ----------------------------------------------------------------------------- loading
     def model(self) -> Any:
@@ -645,7 +661,7 @@ def _check_options(opts: dict[str, Any]) -> None:
 
 
 _SHARED = ("model", "weights", "data", "split", "n", "inputs_key", "labels_key", "label_column", "text_key",
-           "input_shape", "normalize", "loss", "device", "batch_size", "max_memory", "seed", "out", "json")
+           "input_shape", "normalize", "loss", "device", "batch_size", "max_memory", "seed", "out", "resume", "json")
 
 
 def analysis_command(
@@ -659,6 +675,7 @@ def analysis_command(
                      "(.txt/.jsonl); a bare zoo name works too.",
     n_help: str = "number of examples (the first N).",
     short_help: str | None = None,
+    resumable: bool = False,
 ) -> Callable[[F], click.Command]:
     """The one decorator of every analysis command: adds the shared options, builds a :class:`Run`, and makes
     every mistake one ``error:`` line with exit code 2.
@@ -675,6 +692,7 @@ def analysis_command(
         data_help: Help of ``--data``.
         n_help: Help of ``--n``.
         short_help: The line in ``gradsense --help`` (at most ~60 characters, so it is never cut).
+        resumable: Whether the command writes resumable shards (else ``--resume`` is refused, never ignored).
     """
 
     def decorate(fn: F) -> click.Command:
@@ -682,6 +700,10 @@ def analysis_command(
         @friendly_errors
         def body(**kwargs: Any) -> None:
             shared = {k: kwargs.pop(k) for k in list(kwargs) if k in _SHARED}
+            if shared.get("resume") and not resumable:
+                raise ValueError(f"`gradsense {name}` writes no shards, so there is nothing to resume; drop --resume.")
+            if shared.get("resume") and not shared.get("out"):
+                raise ValueError("--resume needs --out DIR (the run folder to continue).")
             _check_options(shared)
             run = Run(name, shared)
             with one_line_warnings():
@@ -719,11 +741,13 @@ def analysis_command(
                                   "memory)."),
                 click.option("--seed", default=0, show_default=True, type=int, help="seed of every random draw."),
             ]
-        # the run folder: where a later --resume flag belongs (add it here and "resume" to _SHARED; Run.resume
-        # already reads it), so every command gets it the same way
+        # the run folder, and --resume to continue a run written there (Run.resume), the same for every command
         options += [
             click.option("--out", default=None, type=click.Path(file_okay=False), metavar="DIR",
                          help="run folder to write (results, figures, report.html)."),
+            click.option("--resume", is_flag=True,
+                         help="continue the run in --out after a crash or kill: finished shards are kept, the rest "
+                              "computed (same settings needed; bitwise the uninterrupted result)."),
             click.option("--json", "json", is_flag=True,
                          help="print one JSON document with every number (and nothing else) on stdout."),
         ]

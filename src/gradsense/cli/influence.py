@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from gradsense.cli.common import console, friendly_errors, model_option
+from gradsense.cli.common import Run, analysis_command
 
 _SPEC = re.compile(r"^(?P<name>[A-Za-z][\w-]*)(?::(?P<split>train|test))?(?:\[(?P<a>-?\d*):(?P<b>-?\d*)\])?$")
 
@@ -54,32 +54,53 @@ def load_data(spec: str, default_split: str) -> tuple[Any, Any]:
     return x, y
 
 
-def _table(res: Any, k: int, queries: int) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"{res.method}: top {k} proponents (+) and opponents (-) per query", title_justify="left")
-    for col in ("query", "label", "rank", "proponent", "score", "opponent", "score"):
-        table.add_column(col, justify="right", no_wrap=True)
+def _rows(res: Any, k: int, queries: int) -> list[list[str]]:
     ql = res.tensors.get("query_labels")
     tl = res.tensors.get("train_labels")
 
     def who(j: Any) -> str:
         return f"#{int(j)}" + ("" if tl is None else f" (y={int(tl[int(j)])})")
 
+    rows = []
     for i in range(min(queries, res.n_query)):
         top, bot = res.top(i, k), res.bottom(i, k)
         for r in range(len(top.indices)):
-            table.add_row(str(i) if r == 0 else "", ("" if ql is None else str(int(ql[i]))) if r == 0 else "",
-                          str(r + 1), who(top.indices[r]), f"{float(top.scores[r]):+.3g}", who(bot.indices[r]),
-                          f"{float(bot.scores[r]):+.3g}", end_section=r == len(top.indices) - 1)
-    console.print(table)
+            rows.append([str(i) if r == 0 else "", ("" if ql is None else str(int(ql[i]))) if r == 0 else "",
+                         str(r + 1), who(top.indices[r]), f"{float(top.scores[r]):+.3g}", who(bot.indices[r]),
+                         f"{float(bot.scores[r]):+.3g}"])
+    return rows
 
 
-@click.command("influence", short_help="Which training examples help or hurt each prediction.")
-@model_option
-@click.option("--train", "train_spec", required=True, metavar="DATA",
-              help="training data: zoo dataset (digits, digits:train[:500]) or .safetensors/.npz with inputs, labels.")
-@click.option("--query", "query_spec", required=True, metavar="DATA", help="query data, same forms (default split test).")
+def _is_legacy(spec: str) -> bool:
+    """``NAME:split[a:b]`` forms of this command (a zoo dataset with a split or a slice), kept working."""
+    return not spec.startswith("zoo:") and not Path(spec).exists() and _SPEC.match(spec) is not None \
+        and (":" in spec or "[" in spec)
+
+
+def _load(run: Run, spec: str | None, split: str, n: int | str | None, what: str) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of ``spec``: the shared data forms (read like every command's ``--data``), or this
+    command's ``NAME[:split][[a:b]]``."""
+    if n == "option":
+        n = run.options.get("n")
+    if spec is not None and _is_legacy(spec):
+        x, y = load_data(spec, split)
+        if n is not None:
+            x, y = x[: int(n)], y[: int(n)]
+        return x, y
+    data = run.data(spec=spec, split=split, n=n, labels=True)
+    if data is None or data.inputs is None:
+        raise ValueError(f"{what} must be tensors with labels (zoo:NAME, a tensor file, a .csv, an image folder).")
+    return data.inputs, data.labels
+
+
+@analysis_command("influence", short_help="Which training examples help or hurt each prediction.", split="train",
+                  n=None, resumable=True, n_help="number of training examples (the first N).",
+                  data_help="the training data: zoo:NAME (e.g. zoo:digits with --split train), a tensor file, a .csv "
+                            "or an image folder; also NAME[:split][[a:b]] (digits:train[:500]).")
+@click.option("--train", "train_spec", default=None, metavar="DATA", help="the training data (the same as --data).")
+@click.option("--query", "query_spec", required=True, metavar="SPEC",
+              help="query data, the same forms as --data (its test split; digits:test[:4] works too).")
+@click.option("--n-query", default=None, type=int, help="number of query examples (the first N).")
 @click.option("--method", default="grad_cos", show_default=True,
               type=click.Choice(["grad_dot", "grad_cos", "tracin", "influence", "ekfac", "trak"]))
 @click.option("--k", default=5, show_default=True, type=int, help="proponents and opponents shown per query.")
@@ -90,86 +111,89 @@ def _table(res: Any, k: int, queries: int) -> None:
               help="checkpoint file (.safetensors or .pt state dict); repeat for TracIn over several.")
 @click.option("--lr", "lrs", multiple=True, type=float, help="learning rate of each --checkpoint (TracIn weights).")
 @click.option("--self-influence", "self_inf", is_flag=True, help="also rank the training examples by self-influence.")
-@click.option("--max-memory", default=None, help="memory budget, e.g. 2GB.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="run folder: training features as resumable shards, results, figures, report.")
-@click.option("--resume", is_flag=True, help="continue (or reuse) the training features already in --out.")
-@friendly_errors
-def influence_cmd(model_spec: str, weights: str | None, train_spec: str, query_spec: str, method: str, k: int,
+def influence_cmd(run: Run, train_spec: str | None, query_spec: str, n_query: int | None, method: str, k: int,
                   proj_dim: int | None, projection: str, damping: float | None, checkpoints: tuple[str, ...],
-                  lrs: tuple[float, ...], self_inf: bool, max_memory: str | None, seed: int, out: str | None,
-                  resume: bool) -> None:
+                  lrs: tuple[float, ...], self_inf: bool) -> None:
     """Which training examples made these predictions? Scores of every training example for every query.
 
     Positive = proponent: training on the example lowers the query's loss; negative = opponent. Scales: grad_dot
     and tracin in loss per unit learning rate, grad_cos in [-1, 1], influence and ekfac in loss per unit
-    upweighting (removing an example raises the query loss by about score / n), trak in margin units.
+    upweighting (removing an example raises the query loss by about score / n), trak in margin units. With
+    --out the training gradients are written as resumable shards (--resume continues them).
 
     \b
     Examples:
-      gradsense influence --model zoo:digits-cnn --train digits:train --query digits:test[:4] --method ekfac
+      gradsense influence --model zoo:digits-cnn --data zoo:digits --split train \\
+          --query zoo:digits --n-query 4 --method ekfac
       gradsense influence --model zoo:digits-cnn --train digits:train --query digits:test[:8] \\
           --method grad_cos --proj-dim 2048 --out runs/influence --self-influence
     """
     import gradsense as gs
-    from gradsense.specs import load_model
 
     if k < 1:
         raise ValueError(f"--k must be >= 1, got {k}.")
+    if n_query is not None and n_query < 1:
+        raise ValueError(f"--n-query must be >= 1, got {n_query}.")
     if lrs and len(lrs) != len(checkpoints):
         raise ValueError(f"give one --lr per --checkpoint ({len(checkpoints)} checkpoints, {len(lrs)} --lr).")
-    if resume and out is None:
-        raise ValueError("--resume needs --out (the run folder to continue).")
-    model = load_model(model_spec, weights=weights)
-    train = load_data(train_spec, "train")
-    query = load_data(query_spec, "test")
-    loss = gs.losses.cross_entropy
+    if train_spec is not None and run.options.get("data") is not None:
+        raise ValueError("give the training data once: --data or --train.")
+    out = run.out
+    model = run.model()
+    train = _load(run, train_spec or run.data_spec(), run.options.get("split") or "train", "option",
+                  "the training data")
+    query = _load(run, query_spec, "test", n_query, "--query")
+    loss = run.loss()
+    seed, max_memory, spec = run.seed, run.max_memory, run.model_spec
     ckpts = list(checkpoints) or None
     target = "margin" if method == "trak" else "loss"
     feats: Any = train
     if out is not None:
-        feats = gs.influence.features(model, loss, train, proj_dim=proj_dim, projection=projection,  # type: ignore[arg-type]
-                                      seed=seed, target=target, checkpoints=ckpts, lrs=list(lrs) or None,
-                                      layers_only=method == "ekfac", out=Path(out) / "features", resume=resume,
-                                      max_memory=max_memory, name=model_spec)
-    res = gs.influence.scores(model, loss, feats, query, method=method, checkpoints=ckpts,  # type: ignore[arg-type]
-                              lrs=list(lrs) or None, proj_dim=proj_dim, projection=projection,  # type: ignore[arg-type]
-                              damping=damping, seed=seed, curvature_data=train if out is not None else None,
-                              max_memory=max_memory, name=model_spec)
+        with run.long_stage(f"training gradients of {train[0].shape[0]} examples into {out / 'features'}") as bar:
+            feats = gs.influence.features(model, loss, train, proj_dim=proj_dim, projection=projection,  # type: ignore[arg-type]
+                                          seed=seed, target=target, checkpoints=ckpts, lrs=list(lrs) or None,
+                                          layers_only=method == "ekfac", out=out / "features", resume=run.resume,
+                                          max_memory=max_memory, name=spec, show_progress=bar)
+    with run.stage(f"{method}: {query[0].shape[0]} queries x {train[0].shape[0]} training examples"):
+        res = gs.influence.scores(model, loss, feats, query, method=method, checkpoints=ckpts,  # type: ignore[arg-type]
+                                  lrs=list(lrs) or None, proj_dim=proj_dim, projection=projection,  # type: ignore[arg-type]
+                                  damping=damping, seed=seed, curvature_data=train if out is not None else None,
+                                  max_memory=max_memory, name=spec)
     if out is not None:
         from dataclasses import replace
 
         res = replace(res, context={"train": train[0], "query": query[0]})
-    console.print(f"[bold]{method}[/]: {res.n_query} queries x {res.n_train} training examples. "
-                  f"{gs.influence.CONVENTIONS[method]}")
+    run.note(f"{method}: {res.n_query} queries x {res.n_train} training examples. {gs.influence.CONVENTIONS[method]}")
     if res.meta.get("solver_summary"):
-        console.print(f"[dim]solver: {res.meta['solver_summary']}[/]")
-    _table(res, k, 12)
+        run.note(f"solver: {res.meta['solver_summary']}")
+    run.table(f"{res.method}: top {k} proponents (+) and opponents (-) per query",
+              ["query", "label", "rank", "proponent", "score", "opponent", "score"], _rows(res, k, 12),
+              name="influence")
     selfres = None
     if self_inf:
-        selfres = gs.influence.self_influence(model, loss, train, method="ekfac" if method in ("ekfac", "influence")
-                                              else "grad_dot", damping=damping, seed=seed, max_memory=max_memory,
-                                              name=model_spec)
+        with run.stage("self-influence"):
+            selfres = gs.influence.self_influence(model, loss, train, method="ekfac" if method in ("ekfac", "influence")
+                                                  else "grad_dot", damping=damping, seed=seed, max_memory=max_memory,
+                                                  name=spec)
         top = selfres.top(min(10, selfres.scores.numel()))
         labels = train[1]
-        console.print("most self-influential training examples (label-error and outlier candidates): " +
-                      ", ".join(f"#{int(i)} (label {int(labels[int(i)])})" for i in top.indices))
-    if out is not None:
-        from gradsense.results import RunFolder
-        from gradsense.viz.report import Report
+        run.note("most self-influential training examples (label-error and outlier candidates): " +
+                 ", ".join(f"#{int(i)} (label {int(labels[int(i)])})" for i in top.indices))
+    if out is None:
+        run.add("influence", res)
+        if selfres is not None:
+            run.add("self-influence", selfres)
+        return
+    from gradsense.viz.report import Report
 
-        run = RunFolder(out)
-        run.save_result(res, "influence")
-        report = Report.extend(Path(out) / "report.html", f"gradsense influence: {method} on {model_spec}",
-                               source="influence")
-        fig = res.plot(k=min(k, 4))
-        run.save_figure(fig, "influence")
+    with run.stage(f"writing {out}"):
+        run.save("influence", res, figure=res.plot(k=min(k, 4)))
+        report = Report.extend(out / "report.html", f"gradsense influence: {method} on {spec}", source="influence")
         report.add_result(res, title=f"Influence ({method}): proponents and opponents",
                           text=f"Positive = proponent. {gs.influence.CONVENTIONS[method]}")
         if selfres is not None:
-            run.save_result(selfres, "self-influence")
+            run.save("self-influence", selfres, figure=None)
             report.add_result(selfres, title="Self-influence: candidates for label errors",
                               plot_kwargs={"inputs": train[0], "labels": train[1]})
-        path = report.write(Path(out) / "report.html")
-        console.print(f"wrote {path}")
+        path = report.write(out / "report.html")
+    run.wrote(path)

@@ -297,6 +297,13 @@ class Result:
         """
         directory = Path(directory)
         meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+        if meta_path.is_file() and not tensor_path.is_file():
+            from gradsense.results.shards import is_shard_store
+
+            if is_shard_store(directory):  # a sharded result (its tensors are the shards): its type opens it
+                klass = _REGISTRY.get(str(_read_meta(directory).get("type")), cls)
+                if getattr(klass.load, "__func__", None) is not Result.load.__func__:  # type: ignore[attr-defined]
+                    return klass.load(directory)
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise ResultFileMissing(

@@ -154,8 +154,10 @@ def process_group(backend: str | None = None, *, timeout_s: float | None = None)
         yield world()
         return
     if not torch.distributed.is_available():
-        raise RuntimeError("this process was launched as one of several ranks (WORLD_SIZE > 1), but this build "
-                           "of torch has no torch.distributed; run a single process.")
+        raise RuntimeError(
+            "this process was launched as one of several ranks (WORLD_SIZE > 1), but this build "
+            "of torch has no torch.distributed; run a single process."
+        )
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available() and local < torch.cuda.device_count():
         torch.cuda.set_device(local)

@@ -51,8 +51,17 @@ def workload_trace(args: argparse.Namespace) -> Callable[[], Any]:
     def call() -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "not converged": the budget is the point
-            return gs.hessian_trace(model, gs.losses.cross_entropy, (x, y), method="hutchinson", rtol=1e-12,
-                                    max_hvp=args.hvp, min_samples=args.hvp, batch_size=64, seed=0)
+            return gs.hessian_trace(
+                model,
+                gs.losses.cross_entropy,
+                (x, y),
+                method="hutchinson",
+                rtol=1e-12,
+                max_hvp=args.hvp,
+                min_samples=args.hvp,
+                batch_size=64,
+                seed=0,
+            )
 
     return call
 
@@ -115,8 +124,9 @@ def worker(args: argparse.Namespace) -> None:
                 torch.distributed.all_reduce(cpu)
             cpus.append(float(cpu))
         if rank == 0:
-            Path(args.result).write_text(json.dumps({"walls": walls, "cpus": cpus, "ranks": size,
-                                                     "threads": torch.get_num_threads()}))
+            Path(args.result).write_text(
+                json.dumps({"walls": walls, "cpus": cpus, "ranks": size, "threads": torch.get_num_threads()})
+            )
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -126,14 +136,34 @@ CONFIGS = (("1 rank x 1 thread", 1, 1), ("1 rank x 2 threads", 1, 2), ("2 ranks 
 def launch(workload: str, ranks: int, threads: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
-        common = [str(Path(__file__).resolve()), "--worker", "--workload", workload, "--threads", str(threads),
-                  "--repeats", str(args.repeats), "--examples", str(args.examples), "--hvp", str(args.hvp),
-                  "--result", str(result)]
+        common = [
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--workload",
+            workload,
+            "--threads",
+            str(threads),
+            "--repeats",
+            str(args.repeats),
+            "--examples",
+            str(args.examples),
+            "--hvp",
+            str(args.hvp),
+            "--result",
+            str(result),
+        ]
         if ranks == 1:
             cmd = [sys.executable, *common]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-                   *common]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                str(ranks),
+                *common,
+            ]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -145,7 +175,9 @@ def launch(workload: str, ranks: int, threads: int, args: argparse.Namespace) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--workload", default="trace", choices=sorted(WORKLOADS), help=argparse.SUPPRESS)
@@ -175,23 +207,34 @@ def main() -> None:
             if skipped:
                 break
         if skipped:
-            print(f"\n== {workload}: skipped (gs.attribute_dataset does not exist in this gradsense; the hook is "
-                  "workload_attribution in this file)")
+            print(
+                f"\n== {workload}: skipped (gs.attribute_dataset does not exist in this gradsense; the hook is "
+                "workload_attribution in this file)"
+            )
             continue
         base = statistics.median(walls["1 rank x 1 thread"])
-        what = (f"Hutchinson trace, {args.hvp} HVPs, digits CNN, {args.examples} examples in batches of 64"
-                if workload == "trace" else f"integrated gradients (16 steps), {args.examples} examples")
+        what = (
+            f"Hutchinson trace, {args.hvp} HVPs, digits CNN, {args.examples} examples in batches of 64"
+            if workload == "trace"
+            else f"integrated gradients (16 steps), {args.examples} examples"
+        )
         print(f"\n== {workload}: {what}; {args.rounds} rounds x {args.repeats} calls, interleaved")
         cpu_base = statistics.median(cpus["1 rank x 1 thread"])
-        print(f"{'configuration':<20} {'wall s (median)':>16} {'min':>8} {'max':>8} {'examples/s':>11} "
-              f"{'x 1x1':>7} {'CPU s/call':>11} {'x 1x1 if idle':>14}")
+        print(
+            f"{'configuration':<20} {'wall s (median)':>16} {'min':>8} {'max':>8} {'examples/s':>11} "
+            f"{'x 1x1':>7} {'CPU s/call':>11} {'x 1x1 if idle':>14}"
+        )
         for name, ranks, threads in CONFIGS:
             w, c = statistics.median(walls[name]), statistics.median(cpus[name])
-            print(f"{name:<20} {w:>16.3f} {min(walls[name]):>8.3f} {max(walls[name]):>8.3f} "
-                  f"{args.examples / w:>11.1f} {base / w:>7.2f} {c:>11.3f} {ranks * threads * cpu_base / c:>14.2f}")
-        print("floor: 2 ranks <= 2.00x of 1 x 1 (the work splits in two); goal >= 1.70x. 'x 1x1 if idle': the\n"
-              "speed-up if every rank or thread had a core of its own, ranks*threads*CPU(1x1)/CPU (all CPU counted):\n"
-              "below ranks*threads only by what the split costs in CPU (collectives, duplicated set-up).")
+            print(
+                f"{name:<20} {w:>16.3f} {min(walls[name]):>8.3f} {max(walls[name]):>8.3f} "
+                f"{args.examples / w:>11.1f} {base / w:>7.2f} {c:>11.3f} {ranks * threads * cpu_base / c:>14.2f}"
+            )
+        print(
+            "floor: 2 ranks <= 2.00x of 1 x 1 (the work splits in two); goal >= 1.70x. 'x 1x1 if idle': the\n"
+            "speed-up if every rank or thread had a core of its own, ranks*threads*CPU(1x1)/CPU (all CPU counted):\n"
+            "below ranks*threads only by what the split costs in CPU (collectives, duplicated set-up)."
+        )
     print(f"\nload average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 

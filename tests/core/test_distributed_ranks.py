@@ -27,7 +27,16 @@ from gradsense.core.distributed import world
 from gradsense.results import RunFolder
 
 N, BATCH = 9, 2  # 5 batches: 3 on rank 0, 2 on rank 1
-METHODS = ("taylor", "fisher", "wanda", "gblm")
+METHODS = ("taylor", "fisher", "wanda", "gblm", "pqi", "ecoflap", "serene")
+OPTIONS = {"serene": {"granularity": "channel"}}
+MEASURED = (
+    "loss_before",
+    "loss_after",
+    "metric_before",
+    "metric_after",
+    "predicted_first_order",
+    "predicted_second_order",
+)
 
 
 def make_model() -> nn.Module:
@@ -75,9 +84,15 @@ def compute(tmp: Path, seeds: dict[str, int] | None = None) -> dict[str, Any]:
     out["density/weights"] = dens.tensors["weights"].clone()
 
     for method in METHODS:
-        res = gs.importance.importance(model, loss, (x, y), method=method, batch_size=BATCH)
+        res = gs.importance.importance(
+            model, loss, (x, y), method=method, batch_size=BATCH, **OPTIONS.get(method, {})
+        )
         _flat(f"importance-{method}", res, out)
         meta[f"importance-{method}-examples"] = int(res.meta["n_examples"])
+    # pruned and measured on held-out data: loss, accuracy (a metric of all outputs), predicted change
+    res = gs.importance.importance(model, loss, (x, y), method="taylor", heldout=(x, y), batch_size=BATCH)
+    measured = res.prune(sparsity=0.5).meta["measured"]
+    out["measured/values"] = torch.tensor([measured[k] for k in MEASURED], dtype=torch.float64)
 
     surf = gs.loss_surface(model, loss, (x, y), steps=5, span=0.5, batch_size=BATCH, seed=0)
     out["surface/losses"] = surf.losses.clone()
@@ -137,6 +152,7 @@ def test_ranks_agree_bitwise(runs):
         "density/",
         "surface/",
         "sharpness-",
+        "measured/",
         *(f"importance-{m}/" for m in METHODS),
     ],
 )

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
+    "all_gather_cat",
     "all_reduce_sum",
     "broadcast_seed",
     "is_main_process",
@@ -94,6 +95,34 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
             torch.distributed.all_reduce(moved)
             tensor.copy_(moved)
     return tensor
+
+
+def all_gather_cat(tensor: Tensor) -> Tensor:
+    """Every rank's ``tensor`` concatenated along the first dimension, in rank order (``tensor`` with world size 1).
+
+    The ranks' first dimensions may differ (uneven shards); the other dimensions and the dtype must agree. For
+    what cannot be summed over ranks, such as a metric of all outputs and labels together.
+
+    Args:
+        tensor: This rank's rows.
+
+    Returns:
+        All ranks' rows, rank 0's first.
+    """
+    if world()[1] == 1:
+        return tensor
+    size = world()[1]
+    device = _collective_device(tensor)
+    local = tensor if device is None else tensor.to(device)
+    n = torch.tensor([local.shape[0]], dtype=torch.int64, device=local.device)
+    counts = [torch.zeros_like(n) for _ in range(size)]
+    torch.distributed.all_gather(counts, n)
+    rows = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(rows), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:r] for p, r in zip(parts, rows)]).to(tensor.device)
 
 
 def broadcast_seed(seed: int) -> int:

@@ -63,6 +63,8 @@ def test_torchrun_two_ranks_equal_one_process_and_only_rank_zero_prints(tmp_path
         "8",
         "--tol",
         "1e-8",
+        "--n",
+        "9",
         "--json",
     ]
     one = CliRunner().invoke(cli, args, catch_exceptions=False)  # one process, this one
@@ -82,6 +84,7 @@ def test_torchrun_two_ranks_equal_one_process_and_only_rank_zero_prints(tmp_path
             "3",
             "-m",
             "gradsense",
+            "--",  # as the README says: else torchrun takes --n for its own --nnodes/--nproc-per-node
             *args,
             "--out",
             str(tmp_path / "two"),

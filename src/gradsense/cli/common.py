@@ -103,8 +103,8 @@ def friendly_errors(fn: F) -> F:
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as err:  # an internal error: still one line, and how to see more
-            click.echo(f"error{_rank_tag()}: internal error {type(err).__name__}: {_one_line(err)} (set GRADSENSE_TRACEBACK=1 "
-                       "for the traceback, and please report it)", err=True)
+            click.echo(f"error{_rank_tag()}: internal error {type(err).__name__}: {_one_line(err)} (set "
+                       "GRADSENSE_TRACEBACK=1 for the traceback, and please report it)", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]

@@ -65,9 +65,24 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
+def _rank_tag() -> str:
+    """``" (rank N)"`` on the ranks after the first under torchrun (read from its environment), else ``""``."""
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {rank})" if size not in ("", "1") and rank not in ("", "0") else ""
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torch.distributed, or the only process (torch is not imported for this)."""
+    if "torch" not in sys.modules:
+        return True
+    from gradsense.core.distributed import is_main_process
+
+    return is_main_process()
+
+
 def fail(err: BaseException) -> None:
     """Print ``error: <one line>`` to stderr and exit with code 2."""
-    click.echo(f"error: {_one_line(err)}", err=True)
+    click.echo(f"error{_rank_tag()}: {_one_line(err)}", err=True)
     sys.exit(2)
 
 
@@ -89,8 +104,8 @@ def friendly_errors(fn: F) -> F:
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as err:  # an internal error: still one line, and how to see more
-            click.echo(f"error: internal error {type(err).__name__}: {_one_line(err)} (set GRADSENSE_TRACEBACK=1 "
-                       "for the traceback, and please report it)", err=True)
+            click.echo(f"error{_rank_tag()}: internal error {type(err).__name__}: {_one_line(err)} (set "
+                       "GRADSENSE_TRACEBACK=1 for the traceback, and please report it)", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -141,7 +156,8 @@ def one_line_warnings() -> Iterator[None]:
     import warnings
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+        if _is_main_process():  # under torchrun the other ranks would repeat rank 0's warnings
+            click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
@@ -350,8 +366,10 @@ class Run:
         self._folder: Any = None
         from rich.console import Console
 
+        # under torchrun only rank 0 prints (tables, progress, --json) and writes (the write functions check the rank)
+        self.quiet = not _is_main_process()
         # stdout, sized when the run starts: the terminal's width, else COLUMNS, else 80 (piped output)
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, quiet=self.quiet)
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -397,7 +415,7 @@ class Run:
     @contextlib.contextmanager
     def stage(self, text: str) -> Iterator[None]:
         """Report a stage of the run: a spinner with elapsed time on a terminal, one line on stderr otherwise."""
-        if not _progress_enabled():
+        if not _progress_enabled() or self.quiet:
             yield
             return
         if not self._tty:
@@ -604,7 +622,9 @@ class Run:
             self.console.print(f"wrote {_escape(str(path))}")
 
     def finish(self) -> None:
-        """Print the ``--json`` document (stdout) and the total time (stderr)."""
+        """Print the ``--json`` document (stdout) and the total time (stderr); nothing on ranks after the first."""
+        if self.quiet:
+            return
         if _progress_enabled() and not self._tty:
             click.echo(f"[{time.perf_counter() - self._t0:6.1f}s] {self.command}: done", err=True)
         if self.json:

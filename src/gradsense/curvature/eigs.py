@@ -171,7 +171,7 @@ def hessian_eigs(
         raise ValueError(f"criterion must be 'residual' or 'eigenvalue', got {criterion!r}.")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}.")
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, shared=True)
     op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
     n = op.numel
     _check_k(k, which, n)

@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gradsense.core.distributed import is_main_process
+
 __all__ = ["Result", "ResultFileError", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
 
 _REGISTRY: dict[str, type[Result]] = {}
@@ -74,9 +76,12 @@ def _umask_mode() -> int:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    A reader never sees a half-written file, and an interrupted write leaves the old file intact.
+    A reader never sees a half-written file, and an interrupted write leaves the old file intact. Under
+    torch.distributed only rank 0 writes; the other ranks return ``path`` without touching the disk.
     """
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -223,6 +228,9 @@ class Result:
         Args:
             directory: Folder to write into (created if needed). An earlier result there is replaced.
 
+        Under torch.distributed only rank 0 writes (the other ranks return the folder at once, without waiting
+        for rank 0: call ``torch.distributed.barrier()`` before they read it).
+
         Returns:
             The folder as a ``Path``.
 
@@ -231,6 +239,8 @@ class Result:
             RuntimeError: safetensors refuses the tensors, e.g. two that share memory (nothing is written).
         """
         directory = Path(directory)
+        if not is_main_process():
+            return directory
         save_id = uuid.uuid4().hex
         meta = dict(self.meta)
         meta.setdefault("type", type(self).__name__)

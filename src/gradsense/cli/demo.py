@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,10 @@ IMAGE_METHODS: list[tuple[str, dict[str, Any], str]] = [
 @analysis_command("demo", short_help="Every analysis on the bundled models, in one HTML report.", model=False)
 @click.option("--n", "n_examples", default=6, show_default=True, type=int, help="test digits to explain.")
 @click.option("--no-text", is_flag=True, help="skip the MiniLM sentence-pair section even if transformers is installed.")
-def demo_cmd(run: Run, n_examples: int, no_text: bool) -> None:
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="torch intra-op threads while the demo runs (its models are tiny: more threads mostly wait on "
+                   "each other, badly so on a busy machine; 0 keeps torch's setting).")
+def demo_cmd(run: Run, n_examples: int, no_text: bool, threads: int) -> None:
     """Run the analyses on the bundled models and write OUT/report.html (default OUT: gradsense-demo).
 
     \b
@@ -38,8 +41,10 @@ def demo_cmd(run: Run, n_examples: int, no_text: bool) -> None:
     """
     if n_examples < 1:
         raise ValueError(f"--n must be >= 1, got {n_examples}.")
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: keep torch's setting), got {threads}.")
     out = run.out or Path("gradsense-demo")
-    path = run_demo(out, n_examples=n_examples, text=not no_text, stage=run.stage)
+    path = run_demo(out, n_examples=n_examples, text=not no_text, stage=run.stage, threads=threads or None)
     run.wrote(path.resolve())
     if run.json:
         import json
@@ -93,7 +98,8 @@ def _no_stage(text: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[[str], Any] = _no_stage) -> Path:
+def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[[str], Any] = _no_stage,
+             threads: int | None = 1) -> Path:
     """Build the demo run folder and report; return the report's path.
 
     Args:
@@ -101,7 +107,39 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
         n_examples: Test digits to explain.
         text: Include the MiniLM section (when transformers and the model package are installed).
         stage: Progress reporter, ``stage(text)`` a context manager around each part (see ``Run.stage``).
+        threads: torch intra-op threads while the demo runs (restored afterwards); ``None`` keeps torch's setting.
+            The bundled models are tiny: a second thread mostly waits at the barriers of small kernels, and on a
+            busy machine it costs several times the CPU time (measured: the curvature section took 9x the CPU
+            seconds with 2 threads as with 1 on a loaded 2-core machine).
+
+    Returns:
+        The path of ``out/report.html``.
     """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, n_examples, text, stage)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _timed(stage: Callable[[str], Any], times: list[tuple[str, float, float]]) -> Callable[[str], Any]:
+    """``stage`` that also appends ``(text, wall seconds, CPU seconds)`` of each finished stage to ``times``."""
+
+    @contextlib.contextmanager
+    def timed(text: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with stage(text):
+            yield
+        times.append((text, time.perf_counter() - t0, time.process_time() - c0))
+
+    return timed
+
+
+def _run_demo(out: Path, n_examples: int, text: bool, outer_stage: Callable[[str], Any]) -> Path:
     import torch
 
     import gradsense as gs
@@ -111,6 +149,9 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
     from gradsense.viz.figures import method_grid
     from gradsense.viz.report import Report
 
+    times: list[tuple[str, float, float]] = []
+    stage = _timed(outer_stage, times)
+    t0, c0 = time.perf_counter(), time.process_time()
     stages = contextlib.ExitStack()
 
     def _step(text: str) -> None:  # ends the previous stage, starts the next
@@ -119,7 +160,6 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
 
     with stages:
         _step("loading the bundled models and data")
-        t0 = time.perf_counter()
         run = RunFolder(out)
         report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo")
         model = gs.zoo.load("digits-cnn")
@@ -225,8 +265,11 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
         _step("monitor: a monitored training run of the digits ViT with a provoked spike")
         monitor_section(run, report)
 
-        report.add_section("About this run", text=(
-            f"Generated by `gradsense demo` in {time.perf_counter() - t0:.1f} s. Every result is saved next to this "
-            f"file ({', '.join(e['name'] for e in run.entries)}) and reloads with gradsense.Result.load(folder)."))
         stages.close()
+        rows = [[label.split(":")[0], f"{wall:.1f}", f"{cpu:.1f}"] for label, wall, cpu in times]
+        report.add_section("About this run", text=(
+            f"Generated by `gradsense demo` in {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} CPU "
+            f"seconds, {torch.get_num_threads()} torch thread(s)). Every result is saved next to this "
+            f"file ({', '.join(e['name'] for e in run.entries)}) and reloads with gradsense.Result.load(folder)."),
+            table=(["stage", "seconds", "CPU seconds"], rows))
         return report.write(out / "report.html")

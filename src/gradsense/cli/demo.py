@@ -55,23 +55,26 @@ def demo_cmd(run: Run, n_examples: int, no_text: bool, threads: int) -> None:
             run.add(entry["name"], Result.load(out / entry["path"]))
 
 
-def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any) -> None:
-    """Hessian spectrum, trace, per-layer traces and a 2-D loss surface of the CNN on 256 test digits."""
+def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any, *, n: int = 128,
+                        density_steps: int = 20, grid: int = 13) -> None:
+    """Hessian spectrum, trace, per-layer traces and a 2-D loss surface of the CNN on ``n`` test digits (SLQ with
+    ``density_steps`` Lanczos steps per probe, a ``grid`` x ``grid`` surface)."""
     import gradsense as gs
     from gradsense.cli.hessian import slq_vs_hutchpp
 
-    xs, ys = data[:256]
+    xs, ys = data[:n]
     loss = gs.losses.cross_entropy
-    n = f"{len(xs)} test digits"
+    label = f"{len(xs)} test digits"
 
     with stage("curvature: Hessian eigenvalues, trace and density (zoo:digits-cnn)"):
         eigs = gs.hessian_eigs(model, loss, (xs, ys), k=3, seed=0, name="zoo:digits-cnn")
         trace = gs.hessian_trace(model, loss, (xs, ys), rtol=0.02, per="layer", seed=0, name="zoo:digits-cnn")
-        density = gs.spectral_density(model, loss, (xs, ys), steps=40, probes=2, seed=0, name="zoo:digits-cnn")
+        density = gs.spectral_density(model, loss, (xs, ys), steps=density_steps, probes=2, seed=0,
+                                      name="zoo:digits-cnn")
     for name, res in (("hessian-eigenvalues", eigs), ("hessian-trace", trace), ("hessian-density", density)):
         run.save_result(res, name)
     report.add_result(eigs, title="Curvature: the sharpest directions", text=(
-        f"Top Hessian eigenvalues of the mean cross-entropy over {n}, by thick-restart Lanczos stopped on "
+        f"Top Hessian eigenvalues of the mean cross-entropy over {label}, by thick-restart Lanczos stopped on "
         f"the Ritz residual ({eigs.n_hvp} Hessian-vector products). The gradient's overlap with their span "
         "(Gur-Ari et al. 2018) says how much of the gradient lives in this tiny subspace."))
     report.add_result(trace, title="Curvature: where the curvature sits (per-layer trace)", text=(
@@ -84,12 +87,12 @@ def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any
         + slq_vs_hutchpp(density, trace.value / n_params, trace.stderr / n_params)))
 
     with stage("landscape: 2-D loss surface and sharpness (zoo:digits-cnn)"):
-        surface = gs.loss_surface(model, loss, (xs, ys), steps=15, seed=0, name="zoo:digits-cnn")
+        surface = gs.loss_surface(model, loss, (xs, ys), steps=grid, seed=0, name="zoo:digits-cnn")
         run.save_result(surface, "landscape-surface")
         sam = gs.sharpness(model, loss, (xs, ys), rho=0.05, kind="sam", seed=0, name="zoo:digits-cnn")
     run.save_result(sam, "landscape-sharpness-sam")
     report.add_result(surface, title="Landscape: the loss around the model", text=(
-        f"Loss over {n} on a 15x15 plane through the model along two filter-normalised random directions "
+        f"Loss over {label} on a {grid}x{grid} plane through the model along two filter-normalised random directions "
         f"(Li et al. 2018). SAM sharpness at rho=0.05 (Foret et al. 2021): {sam.value:.4g}, from "
         f"{sam.n_grad} gradient and {sam.n_loss} loss evaluations."))
 
@@ -161,7 +164,9 @@ def _run_demo(out: Path, n_examples: int, text: bool, outer_stage: Callable[[str
     with stages:
         _step("loading the bundled models and data")
         run = RunFolder(out)
-        report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo")
+        # dpi 110, as the run folder's figures: a figure saved there and shown in the report is rendered once
+        report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo",
+                               dpi=110)
         model = gs.zoo.load("digits-cnn")
         data = gs.zoo.dataset("digits", split="test")
         x, y = data[:n_examples]

@@ -50,7 +50,7 @@ DEMO_DEFENSES = ("none", "prune:0.1", "dp:0.1")
 
 
 def demo_section(run: Any, report: Any, *, steps: int = 150, dlg_steps: int = 10, n_images: int = 2,
-                 audit_steps: int = 100, defenses: tuple[str, ...] = DEMO_DEFENSES, finetune_steps: int = 30) -> None:
+                 audit_steps: int = 100, defenses: tuple[str, ...] = DEMO_DEFENSES, finetune_steps: int = 20) -> None:
     """Add the privacy sections to a demo run (about 15 CPU seconds).
 
     The budgets are the demo's, a few times below the papers' (and ``gradsense audit``'s defaults): enough for the

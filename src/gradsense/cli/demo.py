@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,10 @@ IMAGE_METHODS: list[tuple[str, dict[str, Any], str]] = [
 @analysis_command("demo", short_help="Every analysis on the bundled models, in one HTML report.", model=False)
 @click.option("--n", "n_examples", default=6, show_default=True, type=int, help="test digits to explain.")
 @click.option("--no-text", is_flag=True, help="skip the MiniLM sentence-pair section even if transformers is installed.")
-def demo_cmd(run: Run, n_examples: int, no_text: bool) -> None:
+@click.option("--threads", default=1, show_default=True, type=int,
+              help="torch intra-op threads while the demo runs (its models are tiny: more threads mostly wait on "
+                   "each other, badly so on a busy machine; 0 keeps torch's setting).")
+def demo_cmd(run: Run, n_examples: int, no_text: bool, threads: int) -> None:
     """Run the analyses on the bundled models and write OUT/report.html (default OUT: gradsense-demo).
 
     \b
@@ -38,8 +41,10 @@ def demo_cmd(run: Run, n_examples: int, no_text: bool) -> None:
     """
     if n_examples < 1:
         raise ValueError(f"--n must be >= 1, got {n_examples}.")
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0 (0: keep torch's setting), got {threads}.")
     out = run.out or Path("gradsense-demo")
-    path = run_demo(out, n_examples=n_examples, text=not no_text, stage=run.stage)
+    path = run_demo(out, n_examples=n_examples, text=not no_text, stage=run.stage, threads=threads or None)
     run.wrote(path.resolve())
     if run.json:
         import json
@@ -50,23 +55,26 @@ def demo_cmd(run: Run, n_examples: int, no_text: bool) -> None:
             run.add(entry["name"], Result.load(out / entry["path"]))
 
 
-def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any) -> None:
-    """Hessian spectrum, trace, per-layer traces and a 2-D loss surface of the CNN on 256 test digits."""
+def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any, *, n: int = 128,
+                        density_steps: int = 20, grid: int = 13) -> None:
+    """Hessian spectrum, trace, per-layer traces and a 2-D loss surface of the CNN on ``n`` test digits (SLQ with
+    ``density_steps`` Lanczos steps per probe, a ``grid`` x ``grid`` surface)."""
     import gradsense as gs
     from gradsense.cli.hessian import slq_vs_hutchpp
 
-    xs, ys = data[:256]
+    xs, ys = data[:n]
     loss = gs.losses.cross_entropy
-    n = f"{len(xs)} test digits"
+    label = f"{len(xs)} test digits"
 
     with stage("curvature: Hessian eigenvalues, trace and density (zoo:digits-cnn)"):
         eigs = gs.hessian_eigs(model, loss, (xs, ys), k=3, seed=0, name="zoo:digits-cnn")
         trace = gs.hessian_trace(model, loss, (xs, ys), rtol=0.02, per="layer", seed=0, name="zoo:digits-cnn")
-        density = gs.spectral_density(model, loss, (xs, ys), steps=40, probes=2, seed=0, name="zoo:digits-cnn")
+        density = gs.spectral_density(model, loss, (xs, ys), steps=density_steps, probes=2, seed=0,
+                                      name="zoo:digits-cnn")
     for name, res in (("hessian-eigenvalues", eigs), ("hessian-trace", trace), ("hessian-density", density)):
         run.save_result(res, name)
     report.add_result(eigs, title="Curvature: the sharpest directions", text=(
-        f"Top Hessian eigenvalues of the mean cross-entropy over {n}, by thick-restart Lanczos stopped on "
+        f"Top Hessian eigenvalues of the mean cross-entropy over {label}, by thick-restart Lanczos stopped on "
         f"the Ritz residual ({eigs.n_hvp} Hessian-vector products). The gradient's overlap with their span "
         "(Gur-Ari et al. 2018) says how much of the gradient lives in this tiny subspace."))
     report.add_result(trace, title="Curvature: where the curvature sits (per-layer trace)", text=(
@@ -79,12 +87,12 @@ def _curvature_sections(run: Any, report: Any, model: Any, data: Any, stage: Any
         + slq_vs_hutchpp(density, trace.value / n_params, trace.stderr / n_params)))
 
     with stage("landscape: 2-D loss surface and sharpness (zoo:digits-cnn)"):
-        surface = gs.loss_surface(model, loss, (xs, ys), steps=15, seed=0, name="zoo:digits-cnn")
+        surface = gs.loss_surface(model, loss, (xs, ys), steps=grid, seed=0, name="zoo:digits-cnn")
         run.save_result(surface, "landscape-surface")
         sam = gs.sharpness(model, loss, (xs, ys), rho=0.05, kind="sam", seed=0, name="zoo:digits-cnn")
     run.save_result(sam, "landscape-sharpness-sam")
     report.add_result(surface, title="Landscape: the loss around the model", text=(
-        f"Loss over {n} on a 15x15 plane through the model along two filter-normalised random directions "
+        f"Loss over {label} on a {grid}x{grid} plane through the model along two filter-normalised random directions "
         f"(Li et al. 2018). SAM sharpness at rho=0.05 (Foret et al. 2021): {sam.value:.4g}, from "
         f"{sam.n_grad} gradient and {sam.n_loss} loss evaluations."))
 
@@ -93,7 +101,8 @@ def _no_stage(text: str) -> contextlib.AbstractContextManager[None]:
     return contextlib.nullcontext()
 
 
-def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[[str], Any] = _no_stage) -> Path:
+def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[[str], Any] = _no_stage,
+             threads: int | None = 1) -> Path:
     """Build the demo run folder and report; return the report's path.
 
     Args:
@@ -101,7 +110,39 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
         n_examples: Test digits to explain.
         text: Include the MiniLM section (when transformers and the model package are installed).
         stage: Progress reporter, ``stage(text)`` a context manager around each part (see ``Run.stage``).
+        threads: torch intra-op threads while the demo runs (restored afterwards); ``None`` keeps torch's setting.
+            The bundled models are tiny: a second thread mostly waits at the barriers of small kernels, and on a
+            busy machine it costs several times the CPU time (measured: the curvature section took 9x the CPU
+            seconds with 2 threads as with 1 on a loaded 2-core machine).
+
+    Returns:
+        The path of ``out/report.html``.
     """
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run_demo(out, n_examples, text, stage)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _timed(stage: Callable[[str], Any], times: list[tuple[str, float, float]]) -> Callable[[str], Any]:
+    """``stage`` that also appends ``(text, wall seconds, CPU seconds)`` of each finished stage to ``times``."""
+
+    @contextlib.contextmanager
+    def timed(text: str) -> Iterator[None]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        with stage(text):
+            yield
+        times.append((text, time.perf_counter() - t0, time.process_time() - c0))
+
+    return timed
+
+
+def _run_demo(out: Path, n_examples: int, text: bool, outer_stage: Callable[[str], Any]) -> Path:
     import torch
 
     import gradsense as gs
@@ -111,6 +152,9 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
     from gradsense.viz.figures import method_grid
     from gradsense.viz.report import Report
 
+    times: list[tuple[str, float, float]] = []
+    stage = _timed(outer_stage, times)
+    t0, c0 = time.perf_counter(), time.process_time()
     stages = contextlib.ExitStack()
 
     def _step(text: str) -> None:  # ends the previous stage, starts the next
@@ -119,9 +163,10 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
 
     with stages:
         _step("loading the bundled models and data")
-        t0 = time.perf_counter()
         run = RunFolder(out)
-        report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo")
+        # dpi 110, as the run folder's figures: a figure saved there and shown in the report is rendered once
+        report = Report.extend(out / "report.html", "gradsense demo: what are the bundled models sensitive to?", source="demo",
+                               dpi=110)
         model = gs.zoo.load("digits-cnn")
         data = gs.zoo.dataset("digits", split="test")
         x, y = data[:n_examples]
@@ -225,8 +270,11 @@ def run_demo(out: Path, n_examples: int = 6, text: bool = True, stage: Callable[
         _step("monitor: a monitored training run of the digits ViT with a provoked spike")
         monitor_section(run, report)
 
-        report.add_section("About this run", text=(
-            f"Generated by `gradsense demo` in {time.perf_counter() - t0:.1f} s. Every result is saved next to this "
-            f"file ({', '.join(e['name'] for e in run.entries)}) and reloads with gradsense.Result.load(folder)."))
         stages.close()
+        rows = [[label.split(":")[0], f"{wall:.1f}", f"{cpu:.1f}"] for label, wall, cpu in times]
+        report.add_section("About this run", text=(
+            f"Generated by `gradsense demo` in {time.perf_counter() - t0:.1f} s ({time.process_time() - c0:.1f} CPU "
+            f"seconds, {torch.get_num_threads()} torch thread(s)). Every result is saved next to this "
+            f"file ({', '.join(e['name'] for e in run.entries)}) and reloads with gradsense.Result.load(folder)."),
+            table=(["stage", "seconds", "CPU seconds"], rows))
         return report.write(out / "report.html")

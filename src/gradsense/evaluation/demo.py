@@ -21,7 +21,7 @@ DEMO_METHODS: list[tuple[str, dict[str, Any]]] = [
 ]
 
 
-def demo_section(run: Any, report: Any, *, n_examples: int = 32) -> None:
+def demo_section(run: Any, report: Any, *, n_examples: int = 16) -> None:
     """Add the evaluation sections to a demo run.
 
     Args:

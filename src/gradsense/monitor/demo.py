@@ -1,7 +1,7 @@
 """The training-monitor section of ``gradsense demo``: a monitored run of the digits ViT with a provoked spike.
 
 ``demo_section(run, report)`` trains a freshly initialised tiny ViT (the bundled ``digits-vit`` architecture; AdamW,
-warm-up, shifted digits) for 120 steps under the ``standard`` preset, measures the conflict between
+warm-up, shifted digits) for 90 steps under the ``standard`` preset, measures the conflict between
 two objectives (the loss on digits 0-4 and on digits 5-9) every few steps, and at one step multiplies the learning
 rate of one layer's parameter group by 40: the alarm that follows names that layer at that step.
 """
@@ -13,8 +13,8 @@ from typing import Any
 __all__ = ["demo_section"]
 
 
-def demo_section(run: Any, report: Any, *, steps: int = 120, spike_step: int = 90, spike_layer: str = "blocks.1.mlp.fc1",
-                 seed: int = 0) -> Any:
+def demo_section(run: Any, report: Any, *, steps: int = 90, spike_step: int = 70, spike_layer: str = "blocks.1.mlp.fc1",
+                 batch_size: int = 64, seed: int = 0) -> Any:
     """Add the monitored training run to a demo report.
 
     Args:
@@ -23,6 +23,7 @@ def demo_section(run: Any, report: Any, *, steps: int = 120, spike_step: int = 9
         steps: Training steps.
         spike_step: The step whose learning rate is multiplied by 40 for ``spike_layer``.
         spike_layer: The layer (module name of the ViT) whose learning rate jumps.
+        batch_size: Training examples per step.
         seed: Seed of the initial weights, the data order and the shifts.
 
     Returns:
@@ -51,8 +52,8 @@ def demo_section(run: Any, report: Any, *, steps: int = 120, spike_step: int = 9
             step = 0
             while step < steps:
                 order = torch.randperm(len(data), generator=gen)
-                for start in range(0, len(data) - 63, 64):
-                    idx = order[start:start + 64]
+                for start in range(0, len(data) - batch_size + 1, batch_size):
+                    idx = order[start:start + batch_size]
                     x, y = random_shift(data.inputs[idx], 1, gen), data.labels[idx]
                     out = model(x)
                     low = y < 5
@@ -86,9 +87,9 @@ def demo_section(run: Any, report: Any, *, steps: int = 120, spike_step: int = 9
         found += f" Other alarms: {'; '.join(a.describe() for a in others[:4])}."
     gns, se = result.noise_scale()
     result.report_section(report, title="Training monitor: a run with a provoked spike", text=(
-        f"A fresh digits ViT (gs.zoo's TinyViT) trained for {steps} steps (AdamW, batch 64, warm-up over {warmup} steps) under "
+        f"A fresh digits ViT (gs.zoo's TinyViT) trained for {steps} steps (AdamW, batch {batch_size}, warm-up over {warmup} steps) under "
         f"gs.monitor.Monitor with the 'standard' preset; the loss is the sum of two objectives (digits 0-4 and digits "
         f"5-9), whose gradients' conflict is measured every 5 steps. At step {spike_step} the learning rate of "
         f"{spike_layer}'s parameter group is multiplied by 40 for one step. {found} The noise scale B_simple at the end: "
-        f"{gns:.3g} ± {se:.2g} examples (batch 64)."))
+        f"{gns:.3g} ± {se:.2g} examples (batch {batch_size})."))
     return result

@@ -323,12 +323,16 @@ class Monitor:
         # norms are accumulated in float32, or float64 where a parameter is float64; rows of one buffer hold the
         # step's per-parameter norms: 0 gradient at the end of backward, 1 gradient used, 2 weight, 3 update
         self._acc = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        # every parameter in the accumulation dtype (then so are their .grad, which torch keeps in the parameter's
+        # dtype): _foreach_norm needs no dtype argument (the same values, without its conversion path)
+        self._norm_kw: dict[str, Any] = {} if all(p.dtype == self._acc for p in self.params) else {"dtype": self._acc}
         self._one_device = len({p.device for p in self.params}) == 1
         self._update_due = self._weight_due = False
         self._buf = torch.zeros(4, len(self.params), dtype=self._acc, device=self.device)
         self._assign64 = assign.to(self.device)
         self._assign_np = assign.numpy()
         self._module_groups = [g for g in range(len(groups)) if groups[g] in self.layers]
+        self._mods_prefix = self._module_groups == list(range(len(self._module_groups)))
         layer_index = {lay: i for i, lay in enumerate(self.layers)}
         self._param_layer = torch.tensor([layer_index[lay] for lay in layer_of])
 
@@ -350,6 +354,9 @@ class Monitor:
         for c in core:
             self._column(c)
         self._core_columns = frozenset(core)
+        # where each per-group block of the core columns starts (the groups are consecutive columns)
+        self._starts = {q: self._col[f"{q}/{groups[0]}"] for q in ("grad_norm", "weight_norm", "update_norm",
+                                                                    "update_ratio") if f"{q}/{groups[0]}" in self._col}
 
         # ---------------------------------------------------------------- state
         self._step = 0
@@ -761,7 +768,7 @@ class Monitor:
         out = self._buf[row]
         complete = index is None or len(index) == len(self.params)
         if complete and self._one_device and not any(t is None for t in tensors):
-            torch.stack(torch._foreach_norm(list(tensors), 2, dtype=self._acc), out=out)  # type: ignore[arg-type]
+            torch.stack(torch._foreach_norm(list(tensors), 2, **self._norm_kw), out=out)  # type: ignore[arg-type]
             return
         out.zero_()
         pos = list(range(len(tensors))) if index is None else list(index)
@@ -854,7 +861,7 @@ class Monitor:
         if self._update_due and self._snapshot is not None:
             self._update_norms()
         # one transfer of the (4, P) per-parameter norms; the per-layer sums are small host arithmetic
-        sq = np.square(self._buf.cpu().numpy().astype(np.float64))
+        sq = np.square(self._buf.cpu().numpy(), dtype=np.float64)
         grp = np.sqrt(sq @ self._assign_np)  # (4, G)
         tot = np.sqrt(sq.sum(1))  # (4,)
         used = self._buf[1]
@@ -872,7 +879,7 @@ class Monitor:
             clip = tot[1] / tot[0] if tot[0] > 0 else 1.0
             core[c["grad_norm"]], core[c["grad_norm_clipped"]], core[c["clip_factor"]] = tot[0], tot[1], clip
             core[c["nonfinite_grads"]] = len(self._nonfinite)
-            start = c[f"grad_norm/{self.groups[0]}"]
+            start = self._starts["grad_norm"]
             core[start:start + g] = grp[0]
             if self._used_modified:
                 with np.errstate(divide="ignore", invalid="ignore"):
@@ -882,12 +889,12 @@ class Monitor:
                     for k, name in enumerate(self.groups):  # clipping was not one global factor
                         row[f"grad_norm_clipped/{name}"] = grp[1][k]
         if "weight_norm" in q and self._weight_due:
-            start = c[f"weight_norm/{self.groups[0]}"]
+            start = self._starts["weight_norm"]
             core[start:start + g] = grp[2]
         if self._update_due:
-            start = c[f"update_norm/{self.groups[0]}"]
+            start = self._starts["update_norm"]
             core[start:start + g] = grp[3]
-            start = c[f"update_ratio/{self.groups[0]}"]
+            start = self._starts["update_ratio"]
             np.divide(grp[3], grp[2], out=core[start:start + g], where=grp[2] > 0)
         alarms = [Alarm(step, "nonfinite_grad", n, math.nan) for n in self._nonfinite]
         self._scheduled(step, row)
@@ -919,8 +926,11 @@ class Monitor:
         vals = {k: (float(v) if not isinstance(v, Tensor) else float(v.to(torch.float64).cpu())) for k, v in values.items()}
         for k in vals:
             self._column(k)
-        row = np.full(len(self.columns), np.nan)
-        row[: core.size] = core
+        if core.size == len(self.columns):  # the usual step: no new column, the core row is the row (no copy)
+            row = core
+        else:
+            row = np.full(len(self.columns), np.nan)
+            row[: core.size] = core
         for k, v in vals.items():
             row[self._col[k]] = v
         self._alarms.extend(alarms)
@@ -1129,14 +1139,14 @@ class Monitor:
     def _norm_alarms(self, step: int, grp: np.ndarray) -> list[Alarm]:
         assert self._spikes is not None
         mods = self._module_groups
-        grad = grp[0][mods] if "grad_norm" in self.schedule else np.full(len(mods), np.nan)
-        upd = grp[3][mods] if self._update_due else np.full(len(mods), np.nan)
-        z = self._spikes.update(np.concatenate([grad, upd]))
         m = len(mods)
+        sel = slice(0, m) if self._mods_prefix else mods  # module groups first (per="module"): a view, no copy
+        grad = grp[0][sel] if "grad_norm" in self.schedule else np.full(m, np.nan)
+        upd = grp[3][sel] if self._update_due else np.full(m, np.nan)
+        z = self._spikes.update(np.concatenate([grad, upd]))
         thr = self.alarm_threshold
         out = []
-        with np.errstate(invalid="ignore"):
-            hits = np.flatnonzero(z > thr)
+        hits = np.flatnonzero(z > thr)  # NaN compares False, without a warning
         for j in hits.tolist():
             k = j % m
             kind, value = ("grad_spike", grad[k]) if j < m else ("update_spike", upd[k])

@@ -67,12 +67,10 @@ class RunFolder:
         Raises:
             ValueError: ``name`` is not one plain file name.
         """
-        import io
+        from gradsense.viz.figures import fig_to_png
 
         _check_name(name)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-        return atomic_write_bytes(self.path / "figures" / f"{name}.png", buf.getvalue())
+        return atomic_write_bytes(self.path / "figures" / f"{name}.png", fig_to_png(fig, dpi=dpi))
 
     def _write_manifest(self) -> None:
         manifest = {"created": self.created, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

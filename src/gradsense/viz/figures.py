@@ -101,6 +101,9 @@ def close_figure(fig: Any) -> None:
 def fig_to_png(fig: Figure, dpi: float = 100, *, close: bool = False) -> bytes:
     """Render a figure to PNG bytes with the Agg renderer.
 
+    The bytes are remembered on the figure: rendering it again at the same resolution, unchanged since (matplotlib's
+    ``stale`` flag is clear), returns them without drawing twice (a run folder and a report both showing a figure).
+
     Args:
         fig: The matplotlib figure to render.
         dpi: Resolution in dots per inch.
@@ -117,13 +120,22 @@ def fig_to_png(fig: Figure, dpi: float = 100, *, close: bool = False) -> bytes:
         raise TypeError(f"fig must be a matplotlib.figure.Figure; got {type(fig).__name__}.")
     if not dpi > 0:
         raise ValueError(f"dpi must be positive; got {dpi!r}.")
+    cached = getattr(fig, "_gradsense_png", None)
+    if cached is not None and cached[0] == float(dpi) and not fig.stale:
+        if close:
+            close_figure(fig)
+        return cached[1]
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
     finally:
         if close:
             close_figure(fig)
-    return buf.getvalue()
+    png = buf.getvalue()
+    # savefig leaves the flag set; clear it: any later change to an artist sets it again (it propagates up)
+    fig.stale = False
+    fig._gradsense_png = (float(dpi), png)  # type: ignore[attr-defined]
+    return png
 
 
 # --------------------------------------------------------------------------------------- attribution

@@ -1,9 +1,10 @@
 """Loss-surface cost in units of ONE FORWARD pass (U), ours vs loss-landscapes, same model and data, one process.
 
-Run: python bench/bench_landscape.py [--quick] [--threads N]
-Target (issue 6): a 21x21 filter-normalised surface of the ~85k-parameter MLP on 512 examples of 8x8 inputs
-<= 200 U (loss-landscapes ~540 U, about 1.2x a plain loop of forwards); the ResNet-style CNN reported too
-(64 random 3x32x32 images, 7x7 grid; --quick: 32 images, 5x5).
+Run: python bench/bench_landscape.py [--quick] [--threads N] [--clock cpu] [--repeats N] [--skip-resnet]
+Targets: a 21x21 filter-normalised surface of the ~85k-parameter MLP on 512 examples of 8x8 inputs
+<= 1.15x the plain-forward floor (issue 11; issue 6: <= 200 U, loss-landscapes ~540 U); the ResNet-style CNN
+reported too (64 random 3x32x32 images, 7x7 grid; --quick: 32 images, 5x5). All rows interleaved (one
+round runs each once), medians.
 
 Rows:
 - "plain loop of forwards": P forwards of the unchanged model, the floor of any one-point-at-a-time method;
@@ -12,7 +13,7 @@ Rows:
 - "ours, vmap": vectorize=True, grid points as a vmap batch, chunked under the memory budget;
 - "ours, one point at a time": gs.loss_surface(vectorize=False), the same arithmetic as a loop;
 - "loss-landscapes random_plane": deepcopy_model=True (its default, False, moves the caller's weights).
-Every row is the median of --repeats runs after one warm-up.
+Every row is the median of --repeats rounds after one warm-up round; ratios: ours / floor, peer / ours.
 """
 
 from __future__ import annotations
@@ -28,24 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gradsense as gs
 from bench.models import mlp, small_resnet
-from bench.runner import median_time
+from bench.runner import FloorBench, add_clock_args
 from gradsense.landscape import loss_surface
 
 
-def run(title: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, repeats: int) -> dict:
+def run(title: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, repeats: int,
+        clock: str = "wall") -> dict:
     import loss_landscapes
     from loss_landscapes.metrics import Loss
 
     loss = gs.losses.cross_entropy
     points = steps * steps
 
-    def forward() -> None:
-        with torch.no_grad():
-            loss(model(x), y).item()
-
-    u = median_time(forward, repeats=max(7, repeats), warmup=2)
-
-    def plain_loop() -> None:
+    def plain_loop() -> None:  # the floor: one forward of the data per grid point, nothing else
         with torch.no_grad():
             for _ in range(points):
                 loss(model(x), y).item()
@@ -54,30 +50,23 @@ def run(title: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, st
         loss_landscapes.random_plane(model, Loss(loss, x, y), distance=1, steps=steps, normalization="filter",
                                      deepcopy_model=True)
 
-    rows = {
-        "plain loop of forwards": median_time(plain_loop, repeats=repeats),
-        "ours, default": median_time(lambda: loss_surface(model, loss, (x, y), steps=steps, seed=0),
-                                     repeats=repeats),
-        "ours, vmap": median_time(
-            lambda: loss_surface(model, loss, (x, y), steps=steps, seed=0, vectorize=True), repeats=repeats),
-        "ours, one point at a time": median_time(
-            lambda: loss_surface(model, loss, (x, y), steps=steps, seed=0, vectorize=False), repeats=repeats),
-        "loss-landscapes random_plane": median_time(theirs, repeats=repeats),
-    }
+    b = FloorBench(f"{title}: {steps}x{steps} grid ({points} points), {x.shape[0]} examples", repeats=repeats,
+                   clock=clock)
+    b.add("plain loop of forwards", plain_loop, "floor")
+    b.add("ours, default", lambda: loss_surface(model, loss, (x, y), steps=steps, seed=0))
+    b.add("ours, vmap", lambda: loss_surface(model, loss, (x, y), steps=steps, seed=0, vectorize=True))
+    b.add("ours, one point at a time", lambda: loss_surface(model, loss, (x, y), steps=steps, seed=0, vectorize=False))
+    b.add("loss-landscapes random_plane", theirs, "peer")
+    b.run()
     res = loss_surface(model, loss, (x, y), steps=steps, seed=0)
-    print(f"\n== {title}: {steps}x{steps} grid ({points} points), {x.shape[0]} examples  "
-          f"(U = one forward = {u * 1e3:.2f} ms, torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    w = max(len(k) for k in rows)
-    print(f"{'method':<{w}}  {'seconds':>8}  {'U':>7}  {'U/point':>7}")
-    for k, s in rows.items():
-        print(f"{k:<{w}}  {s:>8.3f}  {s / u:>7.0f}  {s / u / points:>7.2f}")
-    ll = rows["loss-landscapes random_plane"]
-    print(f"ratios: loss-landscapes / ours (default) {ll / rows['ours, default']:.2f}x, "
-          f"/ ours (vmap) {ll / rows['ours, vmap']:.2f}x, "
-          f"/ ours (one at a time) {ll / rows['ours, one point at a time']:.2f}x, "
-          f"/ plain loop {ll / rows['plain loop of forwards']:.2f}x; default ran "
-          f"{'vmap' if res.meta['vectorized'] else 'one point at a time'}, chunk {res.meta['chunk_size']} points")
-    return {k: v / u for k, v in rows.items()}
+    u = b.seconds("plain loop of forwards") / points  # one forward, on the same clock
+    b.print(unit_seconds=u, unit_name="U")
+    print(f"(U = one forward = {u * 1e3:.2f} ms; default ran {'vmap' if res.meta['vectorized'] else 'one point at a time'}"
+          f", chunk {res.meta['chunk_size']} points)")
+    out = b.print_ratios("ours, default", "plain loop of forwards", ["loss-landscapes random_plane"])
+    for k in ("ours, vmap", "ours, one point at a time"):
+        print(f"        {k}: {b.vs_floor(k, 'plain loop of forwards'):.2f}x the floor")
+    return out
 
 
 def weights_moved_by_peer() -> None:
@@ -100,14 +89,16 @@ def weights_moved_by_peer() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller ResNet grid")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (2 in the reference setting)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--skip-resnet", action="store_true", help="only the MLP's 21x21 surface")
+    add_clock_args(parser, threads=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (1 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 5)
     digits = gs.zoo.dataset("digits", split="train")
     x, y = digits[:512]
-    run("MLP 64-256-256-10 (~85k params)", mlp(), x, y, steps=21, repeats=repeats)
+    run("MLP 64-256-256-10 (~85k params)", mlp(), x, y, steps=21, repeats=repeats, clock=args.clock)
+    if args.skip_resnet:
+        return
     torch.manual_seed(0)
     resnet = small_resnet()
     with torch.no_grad():  # loss-landscapes' filter normalisation divides by zero on an all-zero parameter
@@ -118,7 +109,8 @@ def main() -> None:
     xr = torch.rand(n, 3, 32, 32)
     with torch.no_grad():
         yr = resnet(xr).argmax(1)
-    run("SmallResNet (~309k params), 3x32x32", resnet, xr, yr, steps=5 if args.quick else 7, repeats=repeats)
+    run("SmallResNet (~309k params), 3x32x32", resnet, xr, yr, steps=5 if args.quick else 7, repeats=repeats,
+        clock=args.clock)
     weights_moved_by_peer()
 
 

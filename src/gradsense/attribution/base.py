@@ -10,6 +10,7 @@ model untouched (flags and hooks restored in ``finally``), times the run and bui
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 import warnings
@@ -23,7 +24,7 @@ from gradsense.core.batching import chunk_size_for, chunks, estimate_example_byt
 from gradsense.core.checks import check_inputs, explain_model_errors, first_forward
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients, warn_if_train_mode
-from gradsense.core.targets import Target, TargetLike, _output_tensor, as_target
+from gradsense.core.targets import Batch, Target, TargetLike, _output_tensor, as_target
 from gradsense.results.attribution import AttributionResult
 
 __all__ = ["METHODS", "Attribution", "accepted_options", "attribute", "get_method", "method_names", "register"]
@@ -76,6 +77,12 @@ class Attribution:
 
     name: ClassVar[str] = "attribution"
     signed: ClassVar[bool] = True
+    #: What the method needs of the model's outputs on the clean inputs, which decides what the first
+    #: forward (the shared input check) runs: ``"own"`` - it returns its own scores, the first forward is a
+    #: two-row probe; ``"outputs"`` - the base computes the scores from the outputs, the first forward runs
+    #: their first chunk and it is reused; ``"target"`` - it reads :meth:`_clean_scores` (IG's ``F(x)``), the
+    #: first forward runs every row when they fit one chunk of at most 256, else it is a two-row probe.
+    clean_outputs: ClassVar[str] = "own"
 
     def __init__(
         self,
@@ -94,6 +101,7 @@ class Attribution:
         self.chunk_size, self.max_memory = chunk_size, max_memory
         self.forward = forward
         self.show_progress = show_progress
+        self._first_forward: tuple[Tensor, Any] | None = None  # set only inside attribute(), see _clean_scores
 
     # ------------------------------------------------------------------------------ helpers
     def _run(self, x: Tensor) -> Any:
@@ -107,11 +115,30 @@ class Attribution:
         per_row = estimate_example_bytes(self.model, rows[:2], forward=self._run)
         return chunk_size_for(per_row, max_memory=self.max_memory, total=n, device=rows.device)
 
-    def _outputs(self, x: Tensor) -> Tensor:
-        """Model outputs on ``x`` without gradients, in chunks of ``chunk_size`` rows (default 256)."""
+    def _outputs(self, x: Tensor, first: Tensor | None = None) -> Tensor:
+        """Model outputs on ``x`` without gradients, in chunks of ``chunk_size`` rows (default 256).
+
+        ``first``: the outputs of the first chunk when they are known already (the first forward's).
+        """
         size = self.chunk_size or 256
         with torch.no_grad():
-            return torch.cat([_output_tensor(self._run(x[sl])) for sl in chunks(x.shape[0], size)])
+            return torch.cat([
+                first if first is not None and sl.start == 0 else _output_tensor(self._run(x[sl]))
+                for sl in chunks(x.shape[0], size)
+            ])
+
+    def _clean_scores(self, inputs: Tensor, target: Target) -> Tensor | None:
+        """The target on the clean inputs from the first forward, when that forward covered every row.
+
+        Only set during :meth:`attribute`, for the inputs it passes to :meth:`_compute` (the very tensor):
+        a method that needs ``F(x)`` reads it here instead of running the forward again. The values are
+        those of one batch of all ``n <= 256`` rows, as a chunked forward of them would give.
+        """
+        known = getattr(self, "_first_forward", None)
+        if known is None or known[0] is not inputs:
+            return None
+        with torch.no_grad():
+            return target(known[1], Batch(inputs, torch.arange(inputs.shape[0], device=inputs.device)))
 
     def _gradients(
         self, rows: Tensor, target: Target, index: Tensor, n_examples: int, desc: str = "gradients"
@@ -177,25 +204,40 @@ class Attribution:
         model = self.model
         warn_if_train_mode(model, self.name)
         t0 = time.perf_counter()
+        clean = inputs.detach()
         with preserve_model(model):
             cache: dict[str, Tensor] = {}
+            rows = min(n, self.chunk_size or 256)
 
             def outputs() -> Tensor:  # one chunked forward, run only once the target's form is valid
                 if "out" not in cache:
-                    cache["out"] = self._outputs(inputs.detach())
+                    cache["out"] = self._outputs(clean, first=cache.get("first"))
                 return cache["out"]
 
-            rows = min(n, self.chunk_size or 256)
-            with explain_model_errors(inputs, self.name, self.model, rerun=lambda: self._run(inputs.detach()),
+            with explain_model_errors(inputs, self.name, self.model, rerun=lambda: self._run(clean),
                                       probe_rows=rows):  # 'predicted' runs the first forward: named here
                 resolved = as_target(target, n, predict=outputs)
-            # otherwise the shared first-forward check (two rows): wrong shapes and dtypes are named here
-            first = cache["out"] if "out" in cache else _output_tensor(
-                first_forward(self._run, inputs.detach(), what=self.name, model=self.model))
+            # otherwise the shared first-forward check: wrong shapes and dtypes are named here. It runs the
+            # first chunk of the clean rows, which the scores (and IG's F(x)) then reuse: no extra probe pass
+            raw = None
+            if "out" in cache:
+                first = cache["out"]
+            else:
+                whole = rows == n <= 256
+                probe = rows if self.clean_outputs == "outputs" or (self.clean_outputs == "target" and whole) else 2
+                raw = first_forward(self._run, clean, what=self.name, model=self.model, probe=probe)
+                first = _output_tensor(raw)
+                if probe == rows:
+                    cache["first"] = first  # the first chunk of outputs(), not run again
+                if not (self.clean_outputs == "target" and whole):
+                    raw = None
             resolved.validate(first, n)
-            attributions, extra = self._compute(
-                inputs.detach(), resolved, torch.arange(n, device=inputs.device), n
-            )
+            # one batch of all the rows, as IG's own forward of them would be: handed on for F(x)
+            self._first_forward = None if raw is None else (clean, raw)
+            try:
+                attributions, extra = self._compute(clean, resolved, torch.arange(n, device=inputs.device), n)
+            finally:
+                self._first_forward = None
             scores = extra.pop("scores", None)  # methods that run the clean inputs return their scores
             if scores is None or scores.shape != (n,):
                 with torch.no_grad():
@@ -227,15 +269,16 @@ def _batch_of(inputs: Tensor) -> Any:
     return Batch(inputs=inputs, index=torch.arange(inputs.shape[0], device=inputs.device))
 
 
-def accepted_options(cls: type[Attribution]) -> set[str]:
-    """The keyword options a method's class takes (its ``__init__`` and its bases')."""
-    return {
+@functools.cache
+def accepted_options(cls: type[Attribution]) -> frozenset[str]:
+    """The keyword-only ``__init__`` options of ``cls`` and its bases (parsed once per class)."""
+    return frozenset(
         p.name
         for klass in cls.__mro__
         if "__init__" in vars(klass)
         for p in inspect.signature(vars(klass)["__init__"]).parameters.values()
         if p.kind == p.KEYWORD_ONLY
-    }
+    )
 
 
 def attribute(

@@ -74,6 +74,7 @@ class SmoothGrad(Attribution):
     """
 
     default_kind: str = "smoothgrad"
+    clean_outputs = "outputs"
 
     def __init__(
         self,

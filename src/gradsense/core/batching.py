@@ -5,7 +5,7 @@ Every method that expands a batch (path steps, noise samples, probe vectors, gri
 gives one (bytes, or a string such as ``"2GB"``), else :func:`default_budget`: a quarter of the free
 memory of the device (``MemAvailable`` on CPU, ``cudaMemGetInfo`` on CUDA), overridable with the
 environment variable ``GRADSENSE_MAX_MEMORY``. On CPU the default is also capped at
-:data:`CPU_CHUNK_BYTES` (256 MiB): larger chunks do not fit the caches and run slower (captum's
+:data:`CPU_CHUNK_BYTES` (128 MiB): larger chunks do not fit the caches and run slower (captum's
 all-rows-at-once default is about 3x slower than chunks of 32 for that reason).
 """
 
@@ -35,7 +35,7 @@ T = TypeVar("T")
 _UNITS = {"": 1, "B": 1, "K": 1024, "KB": 1024, "KIB": 1024, "M": 1024**2, "MB": 1024**2, "MIB": 1024**2,
           "G": 1024**3, "GB": 1024**3, "GIB": 1024**3, "T": 1024**4, "TB": 1024**4, "TIB": 1024**4}
 BUDGET_FRACTION = 0.25
-CPU_CHUNK_BYTES = 256 * 1024**2
+CPU_CHUNK_BYTES = 128 * 1024**2
 
 
 def parse_memory(value: int | float | str) -> int:

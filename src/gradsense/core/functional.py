@@ -272,7 +272,8 @@ def model_fingerprint(model: nn.Module, name: str | None = None) -> dict[str, An
     for pname, p in model.state_dict().items():
         h.update(pname.encode())
         t = p.detach().to("cpu").contiguous().reshape(-1)
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed in place through the buffer protocol: no copy of the weights
+            h.update(memoryview(t.view(torch.uint8).numpy()))
     fp: dict[str, Any] = {
         "class": type(model).__name__,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -310,18 +311,21 @@ class ModelState:
     @classmethod
     def capture(cls, model: nn.Module, values: bool = False) -> ModelState:
         """Snapshot ``model``; with ``values=True`` also copy parameter and buffer values."""
+        training, hooks, attrs = {}, {}, {}
+        for n, m in model.named_modules():  # one walk over the modules (this runs on every call)
+            d = m.__dict__
+            training[n] = m.training
+            hooks[n] = {a: tuple(d[a].keys()) for a in _HOOK_ATTRS if a in d}
+            attrs[n] = _plain_attrs(m)
         return cls(
             model=model,
             requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
-            training={n: m.training for n, m in model.named_modules()},
-            hooks={
-                n: {a: tuple(getattr(m, a, {}).keys()) for a in _HOOK_ATTRS if hasattr(m, a)}
-                for n, m in model.named_modules()
-            },
+            training=training,
+            hooks=hooks,
             values={k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
             if values
             else None,
-            attrs={n: _plain_attrs(m) for n, m in model.named_modules()},
+            attrs=attrs,
         )
 
     def restore(self) -> None:
@@ -332,29 +336,28 @@ class ModelState:
         added ones deleted.
         """
         for n, m in self.model.named_modules():
+            d = m.__dict__
             before = self.attrs.get(n)
-            if before is None:
-                continue
-            for key in [k for k in m.__dict__ if k not in before and k not in _MODULE_INTERNALS]:
-                if isinstance(m.__dict__[key], _PLAIN):
-                    del m.__dict__[key]
-            for key, value in before.items():
-                if m.__dict__.get(key, _MISSING) is not value and m.__dict__.get(key, _MISSING) != value:
-                    m.__dict__[key] = value
+            if before is not None:
+                for key in [k for k in d if k not in before and k not in _MODULE_INTERNALS]:
+                    if isinstance(d[key], _PLAIN):
+                        del d[key]
+                for key, value in before.items():
+                    if d.get(key, _MISSING) is not value and d.get(key, _MISSING) != value:
+                        d[key] = value
+            if n in self.training:
+                m.training = self.training[n]
+            kept = self.hooks.get(n, {})
+            for attr in _HOOK_ATTRS:
+                h = d.get(attr)
+                if not h:  # absent or empty: nothing was added
+                    continue
+                keep = set(kept.get(attr, ()))
+                for key in [k for k in h if k not in keep]:
+                    del h[key]
         for n, p in self.model.named_parameters():
             if n in self.requires_grad and p.requires_grad != self.requires_grad[n]:
                 p.requires_grad_(self.requires_grad[n])
-        for n, m in self.model.named_modules():
-            if n in self.training:
-                m.training = self.training[n]
-            before = self.hooks.get(n, {})
-            for attr in _HOOK_ATTRS:
-                d = getattr(m, attr, None)
-                if d is None:
-                    continue
-                keep = set(before.get(attr, ()))
-                for key in [k for k in d if k not in keep]:
-                    del d[key]
 
     def diff(self, other: ModelState) -> list[str]:
         """Differences between this snapshot and a later one, as readable strings."""

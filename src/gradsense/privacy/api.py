@@ -231,7 +231,7 @@ def reconstruct(
         truth: The client's ``(inputs, labels)``, to score the reconstruction (PSNR, SSIM, label accuracy).
         seed: Seed of the random starts and probes (``None``: drawn, and recorded).
         max_memory: Memory budget (bytes or e.g. ``"2GB"``) for the restarts run at once (inverting); default a
-            quarter of free memory, at most 256 MiB on a CPU (see :mod:`gradsense.core.batching`).
+            quarter of free memory, at most 128 MiB on a CPU (see :mod:`gradsense.core.batching`).
         show_progress: Progress bar (``None``: on a TTY).
         name: Model name for the metadata.
 

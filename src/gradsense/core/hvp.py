@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from gradsense.core.batching import split_batch
 from gradsense.core.checks import check_eval_mode
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import (
@@ -107,16 +108,6 @@ def hvp(
 
 
 
-def _split_batch(x: Tensor, y: Any, rows: int) -> list[tuple[Tensor, Any]]:
-    """``(x, y)`` in pieces of at most ``rows`` examples (labels split alongside when they are per-example)."""
-    n = int(x.shape[0])
-    if n <= rows:
-        return [(x, y)]
-    if y is not None and not (isinstance(y, Tensor) and y.ndim >= 1 and y.shape[0] == n):
-        return [(x, y)]  # labels we cannot split: keep the batch whole
-    return [(x[i : i + rows], None if y is None else y[i : i + rows]) for i in range(0, n, rows)]
-
-
 class CurvatureOperator:
     """Curvature of a model's loss over a dataset, as a linear operator on flat parameter vectors.
 
@@ -200,7 +191,7 @@ class CurvatureOperator:
             source = self._cache
         if self.max_rows is None:
             return source
-        pieces = (piece for x, y in source for piece in _split_batch(x, y, self.max_rows))
+        pieces = (piece for x, y in source for piece in split_batch(x, y, self.max_rows))
         return list(pieces) if isinstance(source, list) else pieces
 
     @property

@@ -26,6 +26,7 @@ from gradsense.core.batching import (
     chunks,
     default_budget,
     estimate_example_bytes,
+    fit_budget_bytes,
     parse_memory,
 )
 from gradsense.core.checks import check_loss_batch, draw_seed
@@ -207,12 +208,7 @@ HVP_FACTOR = 3.0
 and tangent activations, and the backward of both); measured on GPT-2 and BERT blocks on CPU."""
 
 
-def budget_bytes(max_memory: int | float | str | None, device: torch.device | str | None = None) -> int:
-    """The curvature budget: ``max_memory``, else a quarter of free memory (not the small CPU chunk default,
-    which is about cache sizes, not about fitting)."""
-    if max_memory is not None:
-        return parse_memory(max_memory)
-    return max(available_memory(device) // 4, 64 * 1024**2)
+budget_bytes = fit_budget_bytes
 
 
 def _fit_budget(op: CurvatureOperator, max_memory: int | float | str | None) -> None:

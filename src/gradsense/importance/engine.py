@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes
+from gradsense.core.batching import (
+    chunk_size_for,
+    chunks,
+    estimate_example_bytes,
+    fit_budget_bytes,
+    split_batch,
+)
 from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import FunctionalModel, ParamSpec, check_model, functional, select_parameters
@@ -103,8 +109,9 @@ class Context:
         loss_fn: ``(output, labels) -> scalar`` batch-mean loss.
         data: Calibration data (tensor, ``(inputs, labels)``, Dataset or DataLoader).
         names: The selected parameter names.
-        batch_size: Batch size for tensors and Datasets.
-        max_memory: Memory budget of one vmap call (bytes or e.g. ``"1GB"``).
+        batch_size: Batch size for tensors and Datasets (batches are then split into pieces that fit the budget).
+        max_memory: Memory budget of one vmap call and of one forward+backward piece (bytes or e.g. ``"1GB"``;
+            default a quarter of free memory for pieces).
         chunk_size: Examples per vmap call (default from the budget).
 
     Attributes:
@@ -131,8 +138,21 @@ class Context:
     def batches(self) -> list[tuple[Tensor, Any]]:
         """The calibration batches ``(inputs, labels)`` (read once through ``iterate``, then cached)."""
         if self._batches is None:
-            self._batches = list(iterate(self.data, batch_size=self.batch_size))
+            raw = list(iterate(self.data, batch_size=self.batch_size))
+            self._batches = [piece for x, y in raw for piece in split_batch(x, y, self._rows(raw))]
         return self._batches
+
+    def _rows(self, raw: list[tuple[Tensor, Any]]) -> int:
+        """Examples per forward+backward piece: the budget (``max_memory``, else a quarter of free memory) over
+        one example's activations, so a gradient or a forward with hooks never holds a whole large batch."""
+        if not raw:
+            return 1
+        x = raw[0][0]
+        try:
+            per = estimate_example_bytes(self.model, x[:1], forward=lambda r: self.fm(self.params, r))
+        except Exception:  # an estimate only; the shared check names what is wrong
+            return max(int(b[0].shape[0]) for b in raw)
+        return max(1, fit_budget_bytes(self.max_memory, x.device) // max(per, 1))
 
     @property
     def n_examples(self) -> int:

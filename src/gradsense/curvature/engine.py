@@ -131,7 +131,7 @@ def parameter_groups(model: nn.Module, params: Mapping[str, Tensor], per: PerSpe
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def _check_loss(op: CurvatureOperator) -> None:
+def _check_loss(op: CurvatureOperator, probe: int | None = None) -> None:
     batches = op.batches()
     first = next(iter(batches), None)
     if first is None:
@@ -141,7 +141,7 @@ def _check_loss(op: CurvatureOperator) -> None:
     x, y = first
     rest = [b[1] for b in batches[1:]] if isinstance(batches, list) else []  # every cached batch's labels
     check_loss_batch(lambda r: op.fm(op.params, r), op.loss_fn, x, y, what="curvature", model=op.model,
-                     probe=op.max_rows, more_labels=rest)
+                     probe=probe, more_labels=rest)
 
 
 def operator(
@@ -198,8 +198,10 @@ def operator(
     op = CurvatureOperator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size, method=method)
     if not all(p.is_floating_point() for p in op.params.values()):
         raise ValueError("the selected parameters must be floating-point tensors.")
-    _fit_budget(op, max_memory)  # first: the check below runs one piece, not a whole batch that may not fit
-    _check_loss(op)
+    # first: nothing else runs on inputs that do not fit. The check runs the first batch (no gradient), or two
+    # rows of it under an explicit budget that the whole batch may not fit
+    _check_loss(op, probe=None if max_memory is None else 2)
+    _fit_budget(op, max_memory)
     return op
 
 

@@ -127,6 +127,8 @@ class Context:
         self.fm: FunctionalModel = functional(model, self.names)
         self.params = self.fm.params
         self._batches: list[tuple[Tensor, Any]] | None = None
+        self._raw: list[tuple[Tensor, Any]] | None = None
+        self._checked = False
         self._grad: dict[str, Tensor] | None = None
         self._stats: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self._norms: dict[str, Tensor] | None = None
@@ -137,9 +139,13 @@ class Context:
     # ------------------------------------------------------------------------------------------- data
     def batches(self) -> list[tuple[Tensor, Any]]:
         """The calibration batches ``(inputs, labels)`` (read once through ``iterate``, then cached)."""
-        if self._batches is None:
-            raw = list(iterate(self.data, batch_size=self.batch_size))
-            self._batches = [piece for x, y in raw for piece in split_batch(x, y, self._rows(raw))]
+        if self._batches is not None:
+            return self._batches
+        if self._raw is None:
+            self._raw = list(iterate(self.data, batch_size=self.batch_size))
+        if not self._checked:  # the shared check sees the batches as given, before anything else runs
+            return self._raw
+        self._batches = [piece for x, y in self._raw for piece in split_batch(x, y, self._rows(self._raw))]
         return self._batches
 
     def _rows(self, raw: list[tuple[Tensor, Any]]) -> int:
@@ -182,6 +188,7 @@ class Context:
         x, y = batches[0]
         check_loss_batch(lambda r: self.fm(self.params, r), self.loss_fn, x, y, what="importance", model=self.model,
                          more_labels=[b[1] for b in batches[1:]])
+        self._checked = True  # from now on, batches() gives pieces that fit the budget
 
     # ------------------------------------------------------------------------------------------- gradients
     def mean_grad(self) -> dict[str, Tensor]:
@@ -317,12 +324,13 @@ class Context:
             return hook
 
         handles = []
+        batches = self.batches()  # before the hooks: making the pieces runs the estimate's forward
         try:
             for n, m in owners.items():
                 handles.append(m.register_forward_pre_hook(make_hook(n, m)))
             seen = 0.0
             with torch.no_grad():
-                for x, _y in self.batches():
+                for x, _y in batches:
                     self.fm(self.params, x)
                     seen += x.shape[0]
                     self.n_forward_batches += 1

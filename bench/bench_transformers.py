@@ -183,7 +183,7 @@ def case(name: str, args: argparse.Namespace) -> dict[str, Any]:
         gap = float((out.token_scores.sum(1) - out.scores).abs().max())
         note += f"; breakdown sums to the total within {gap:.1e}"
     elif getattr(out, "delta", None) is not None:
-        note += f"; |completeness gap| {float(out.delta.abs().max()):.2g}"
+        note += f"; max abs completeness gap {float(out.delta.abs().max()):.2g}"
     return {"name": name, "cpu_s": cpu, "wall_s": wall, "peak": peak, "before": before, "model": model_bytes,
             "note": note, **extra}
 

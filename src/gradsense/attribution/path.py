@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, register
+from gradsense.core.batching import chunk_size_for, estimate_example_bytes
 from gradsense.core.checks import check_positive_int
 from gradsense.core.targets import Batch, Target
 
@@ -251,15 +252,32 @@ class IntegratedGradients(_PathMethod):
             b = b[index.to(b.device)]
         return make_baseline(b, inputs, seed=self.seed)
 
-    def _integrate(
-        self, x: Tensor, base: Tensor, alphas: Tensor, target: Target, index: Tensor, n_examples: int
+    def _path_average(
+        self, x: Tensor, base: Tensor, alphas: Tensor, weights: Tensor, target: Target, index: Tensor,
+        n_examples: int,
     ) -> Tensor:
-        """Gradients at ``base + alpha (x - base)`` for every alpha: returns ``(S, n, ...)``."""
+        """``sum_s w_s grad(base + alpha_s (x - base))``, a group of steps at a time.
+
+        A group holds as many (step, example) rows as the memory budget allows (at least one step), so no
+        (steps x examples x ...) tensor is made: memory stays at one chunk of rows whatever ``steps``.
+        """
         s, n = alphas.numel(), x.shape[0]
-        shape = (s,) + (1,) * x.ndim
-        points = (base.unsqueeze(0) + alphas.reshape(shape) * (x - base).unsqueeze(0)).reshape(s * n, *x.shape[1:])
-        grads, _ = self._grads_at(points, target, index.repeat(s), n_examples, desc=f"{s} path points")
-        return grads.reshape(s, n, *x.shape[1:])
+        if self.chunk_size is not None:
+            rows = self.chunk_size
+        else:
+            per_row = estimate_example_bytes(self.model, x[:2], forward=self._run) + 2 * x[0].numel() * x.element_size()
+            rows = chunk_size_for(per_row, max_memory=self.max_memory, total=s * n, device=x.device)
+        per_group = max(1, rows // n)
+        diff = x - base
+        avg = torch.zeros_like(x)
+        for start in range(0, s, per_group):
+            a = alphas[start : start + per_group]
+            k = a.numel()
+            points = (base.unsqueeze(0) + a.reshape((k,) + (1,) * x.ndim) * diff.unsqueeze(0)).reshape(k * n, *x.shape[1:])
+            grads, _ = self._grads_at(points, target, index.repeat(k), n_examples, desc=f"{s} path points")
+            avg += torch.einsum("s,s...->...", weights[start : start + k], grads.reshape(k, n, *x.shape[1:]))
+            del points, grads
+        return avg
 
     def _compute(
         self, inputs: Tensor, target: Target, index: Tensor, n_examples: int
@@ -275,8 +293,7 @@ class IntegratedGradients(_PathMethod):
             a_np, w_np = quadrature(self.rule, int(self.steps))
             alphas = torch.as_tensor(a_np, dtype=inputs.dtype, device=inputs.device)
             weights = torch.as_tensor(w_np, dtype=inputs.dtype, device=inputs.device)
-            grads = self._integrate(inputs, base, alphas, target, index, n_examples)
-            avg_grad = torch.einsum("s,s...->...", weights, grads)
+            avg_grad = self._path_average(inputs, base, alphas, weights, target, index, n_examples)
             steps_used = torch.full((inputs.shape[0],), int(self.steps), dtype=torch.long)
         ig = (inputs - base) * avg_grad
         delta = ig.reshape(ig.shape[0], -1).sum(1) - (f_x - f_b)

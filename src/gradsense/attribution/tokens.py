@@ -28,12 +28,12 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.attribution.path import quadrature
-from gradsense.core.batching import parse_memory
+from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory
 from gradsense.core.checks import check_positive_int
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients
 from gradsense.core.hooks import replace_output
-from gradsense.core.targets import Batch, CosineSimilarity, TargetLike, as_target
+from gradsense.core.targets import Batch, Continuation, CosineSimilarity, Target, TargetLike, as_target
 from gradsense.results.base import Result
 
 __all__ = [
@@ -87,7 +87,8 @@ def similarity_target(model: nn.Module, other: str | Sequence[str]) -> CosineSim
 @dataclasses.dataclass(frozen=True, repr=False)
 class TokenAttributionResult(Result):
     """Per-token scores. Tensors: ``scores`` (N, T) with padding at 0, ``input_ids``, ``attention_mask``,
-    ``target_scores`` (N,), and ``delta`` (N,) for IG. ``meta['tokens']``: the tokens of each example."""
+    ``target_scores`` (N,), ``delta`` (N,) for IG, and ``token_scores`` (N, C, T) for a continuation
+    target with ``per_token=True``. ``meta['tokens']``: the tokens of each example."""
 
     kind = "token_attribution"
 
@@ -100,6 +101,13 @@ class TokenAttributionResult(Result):
     def delta(self) -> Tensor | None:
         """Completeness gap of IG per example."""
         return self.tensors.get("delta")
+
+    @property
+    def token_scores(self) -> Tensor | None:
+        """With ``gs.targets.Continuation(..., per_token=True)``: ``(N, C, T)``, the attribution of each
+        continuation token's log-probability to every input token (they sum to :attr:`scores` for
+        gradient x input and IG). The last ``C`` input positions are the continuation itself."""
+        return self.tensors.get("token_scores")
 
     @property
     def tokens(self) -> list[list[str]]:
@@ -282,7 +290,8 @@ class TokenAttribution:
         model, emb_layer = self.model, self.embedding
         if target is None:
             as_target(target, n)  # raises: the target is required (said before anything else is checked)
-        base_ids = self._baseline_ids(ids) if self.baseline == "pad" else None  # checked before any forward
+        use_pad = self.method == "integrated_gradients" and self.baseline == "pad"
+        base_ids = self._baseline_ids(ids) if use_pad else None  # checked before any forward
         t0 = time.perf_counter()
 
         def row_forward(rows: Tensor, idx: Tensor) -> Any:
@@ -302,33 +311,23 @@ class TokenAttribution:
                     e0 = emb_layer(base_ids).detach()
                 else:
                     e0 = torch.zeros_like(e)
+            if isinstance(resolved, Continuation):  # the answer is given: only the prompt moves along the path
+                e0 = e0.clone()
+                e0[:, -resolved.length :] = e[:, -resolved.length :]
             index = torch.arange(n, device=ids.device)
-            opts = {"chunk_size": self.chunk_size, "max_memory": self.max_memory, "n_examples": n,
-                    "show_progress": self.show_progress, "row_forward": row_forward}
-            delta = None
-            if self.method == "integrated_gradients":
-                a_np, w_np = quadrature(self.rule, self.steps)
-                alphas = torch.as_tensor(a_np, dtype=e.dtype, device=e.device)
-                weights = torch.as_tensor(w_np, dtype=e.dtype, device=e.device)
-                s = alphas.numel()
-                points = (e0[None] + alphas.reshape(s, 1, 1, 1) * (e - e0)[None]).reshape(s * n, *e.shape[1:])
-                g, _ = input_gradients(model, points, resolved, index=index.repeat(s), desc="token IG", **opts)
-                avg = torch.einsum("s,s...->...", weights, g.reshape(s, n, *e.shape[1:]))
-                per_elem = (e - e0) * avg
-                with torch.no_grad():
-                    f_x = resolved(row_forward(e, index), Batch(e, index))
-                    f_b = resolved(row_forward(e0, index), Batch(e0, index))
-                delta = per_elem.reshape(n, -1).sum(1) - (f_x - f_b)
-                scores = per_elem.sum(-1)
-                target_scores = f_x
-            else:
-                g, target_scores = input_gradients(model, e, resolved, index=index, desc="token gradients", **opts)
-                scores = g.norm(dim=-1) if self.method == "gradient" else (e * g).sum(-1)
+            scores, target_scores, delta = self._scores(resolved, e, e0, index, row_forward)
+            token_scores = None
+            if isinstance(resolved, Continuation) and resolved.per_token and resolved.token is None:
+                parts = [self._scores(resolved.for_token(j), e, e0, index, row_forward, delta=False)[0]
+                         for j in range(resolved.length)]
+                token_scores = torch.stack(parts, dim=1) * mask[:, None].to(scores.dtype)  # (N, C, T)
         scores = scores * mask.to(scores.dtype)
         tensors = {"scores": scores.detach(), "input_ids": ids, "attention_mask": mask,
                    "target_scores": target_scores.detach()}
         if delta is not None:
             tensors["delta"] = delta.detach()
+        if token_scores is not None:
+            tensors["token_scores"] = token_scores.detach()
         return TokenAttributionResult.build(
             tensors,
             method=self.method,
@@ -340,7 +339,56 @@ class TokenAttribution:
             target=resolved.describe(),
             tokens=self._tokens(ids, mask),
             texts=texts,
+            continuation_length=resolved.length if isinstance(resolved, Continuation) else None,
         )
+
+    def _row_chunk(self, e: Tensor, index: Tensor, row_forward: Any) -> int:
+        """Rows (path points x examples) per forward/backward: ``chunk_size``, else from the budget."""
+        total = e.shape[0] * (self.steps if self.method == "integrated_gradients" else 1)
+        if self.chunk_size is not None:
+            return chunk_size_for(1, chunk_size=self.chunk_size, total=total)
+        per_row = estimate_example_bytes(self.model, e[:1], forward=lambda r: row_forward(r, index[:1]))
+        per_row += 2 * e[0].numel() * e.element_size()  # the row itself and its gradient
+        return chunk_size_for(per_row, max_memory=self.max_memory, total=total, device=e.device)
+
+    def _scores(self, resolved: Target, e: Tensor, e0: Tensor, index: Tensor, row_forward: Any,
+                delta: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Per-token scores, target values and (IG) completeness gaps for one target.
+
+        IG goes through the path a group of steps at a time, each group of ``rows // n`` steps (or one
+        step in chunks of examples), accumulating the weighted gradients: no (steps x examples x tokens x
+        hidden) tensor is ever made.
+        """
+        n = e.shape[0]
+        rows = self._row_chunk(e, index, row_forward)
+        opts = {"chunk_size": rows, "n_examples": n, "show_progress": self.show_progress, "row_forward": row_forward}
+        if self.method != "integrated_gradients":
+            g, target_scores = input_gradients(self.model, e, resolved, index=index, desc="token gradients", **opts)
+            scores = g.norm(dim=-1) if self.method == "gradient" else (e * g).sum(-1)
+            return scores, target_scores, None
+        a_np, w_np = quadrature(self.rule, self.steps)
+        alphas = torch.as_tensor(a_np, dtype=e.dtype, device=e.device)
+        weights = torch.as_tensor(w_np, dtype=e.dtype, device=e.device)
+        diff = e - e0
+        avg = torch.zeros_like(e)
+        per_group = max(1, rows // n)
+        for start in range(0, alphas.numel(), per_group):
+            a = alphas[start : start + per_group]
+            k = a.numel()
+            points = (e0[None] + a.reshape(k, 1, 1, 1) * diff[None]).reshape(k * n, *e.shape[1:])
+            g, _ = input_gradients(self.model, points, resolved, index=index.repeat(k), desc="token IG", **opts)
+            avg += torch.einsum("s,s...->...", weights[start : start + k], g.reshape(k, n, *e.shape[1:]))
+            del points, g
+        per_elem = diff * avg
+        with torch.no_grad():
+            f_x = torch.cat([resolved(row_forward(e[sl], index[sl]), Batch(e[sl], index[sl]))
+                             for sl in chunks(n, rows)])
+            gap = None
+            if delta:
+                f_b = torch.cat([resolved(row_forward(e0[sl], index[sl]), Batch(e0[sl], index[sl]))
+                                 for sl in chunks(n, rows)])
+                gap = per_elem.reshape(n, -1).sum(1) - (f_x - f_b)
+        return per_elem.sum(-1), f_x, gap
 
 
 def attribute_tokens(

@@ -27,8 +27,10 @@ __all__ = [
     "chunks",
     "default_budget",
     "estimate_example_bytes",
+    "fit_budget_bytes",
     "parse_memory",
     "progress",
+    "split_batch",
 ]
 
 T = TypeVar("T")
@@ -168,6 +170,28 @@ def chunks(n: int, size: int) -> Iterator[slice]:
     """Slices ``[0:size], [size:2*size], ...`` covering ``range(n)``."""
     for start in range(0, n, size):
         yield slice(start, min(start + size, n))
+
+
+def split_batch(x: Tensor, y: Any, rows: int) -> list[tuple[Tensor, Any]]:
+    """``(x, y)`` in pieces of at most ``rows`` examples (views), labels split alongside.
+
+    Labels that are not one row per example (``None`` aside) cannot be split: the batch is kept whole.
+    For a loss that averages over examples, the size-weighted mean over the pieces is the batch's mean.
+    """
+    n = int(x.shape[0])
+    if n <= rows:
+        return [(x, y)]
+    if y is not None and not (isinstance(y, Tensor) and y.ndim >= 1 and y.shape[0] == n):
+        return [(x, y)]
+    return [(x[i : i + rows], None if y is None else y[i : i + rows]) for i in range(0, n, rows)]
+
+
+def fit_budget_bytes(max_memory: int | float | str | None, device: torch.device | str | None = None) -> int:
+    """The budget of a whole pass (batches that must fit, not chunks sized for caches): ``max_memory``, else
+    a quarter of the device's free memory."""
+    if max_memory is not None:
+        return parse_memory(max_memory)
+    return max(available_memory(device) // 4, 64 * 1024**2)
 
 
 def _progress_enabled(enabled: bool | None) -> bool:

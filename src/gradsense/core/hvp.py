@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
+from gradsense.core.batching import split_batch
 from gradsense.core.checks import check_eval_mode
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import (
@@ -126,6 +127,9 @@ class CurvatureOperator:
         cache_data: Keep the batches in memory after the first pass (default True).
         allow_train_mode: Accept a train-mode model with BatchNorm/Dropout (its curvature is then that
             of the train-mode function, random for Dropout).
+        max_rows: Split every batch into pieces of at most this many examples for the products (the memory
+            knob: a product's activations grow with the rows it sees). The size-weighted mean over the
+            pieces is the batch's mean for a ``loss_fn`` that averages over examples.
 
     Raises:
         ValueError: Unknown ``kind``, empty data, or a train-mode model with BatchNorm/Dropout.
@@ -147,6 +151,7 @@ class CurvatureOperator:
         batch_size: int = 256,
         cache_data: bool = True,
         allow_train_mode: bool = False,
+        max_rows: int | None = None,
     ) -> None:
         check_model(model)
         if kind not in ("hessian", "ggn", "fisher"):
@@ -166,19 +171,28 @@ class CurvatureOperator:
         self._cache: list[tuple[Tensor, Any]] | None = [] if cache_data else None
         self._cached = False
         self.n_matvec = 0
+        if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"max_rows must be a positive int, got {max_rows!r}.")
+        self.max_rows = max_rows
         p0 = next(iter(self.params.values()))
         self.dtype, self.device = p0.dtype, p0.device
 
     # --------------------------------------------------------------------------------- data
     def batches(self) -> list[tuple[Tensor, Any]] | Any:
-        """The data batches, ``(inputs, labels)`` (cached after the first pass)."""
+        """The data batches, ``(inputs, labels)`` (cached after the first pass), each split into pieces of
+        at most :attr:`max_rows` rows when that is set (views, no copies)."""
         if self._cache is not None and self._cached:
-            return self._cache
-        if self._cache is None:
-            return iterate(self._data, batch_size=self._batch_size)
-        self._cache = list(iterate(self._data, batch_size=self._batch_size))
-        self._cached = True
-        return self._cache
+            source: Any = self._cache
+        elif self._cache is None:
+            source = iterate(self._data, batch_size=self._batch_size)
+        else:
+            self._cache = list(iterate(self._data, batch_size=self._batch_size))
+            self._cached = True
+            source = self._cache
+        if self.max_rows is None:
+            return source
+        pieces = (piece for x, y in source for piece in split_batch(x, y, self.max_rows))
+        return list(pieces) if isinstance(source, list) else pieces
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -9,7 +9,8 @@ sequence / tensor of ints   one class per example (length must equal the batch)
                             (fixed once, so path/noise samples keep the same class)
 a ``Target`` object         :class:`ClassLogit`, :class:`LogProbability`, :class:`Probability`,
                             :class:`Loss` (a loss with labels), :class:`CosineSimilarity`,
-                            :class:`RegressionOutput`, :class:`Contrastive`
+                            :class:`RegressionOutput`, :class:`Contrastive`,
+                            :class:`Continuation` (a causal LM's continuation log-probability)
 a callable                  ``fn(output, batch) -> per-example scalar`` of shape ``(n,)``, where
                             ``batch`` is a :class:`Batch` (``.inputs``, ``.index``, ``.labels``)
 ==========================  ===============================================================
@@ -36,6 +37,7 @@ __all__ = [
     "Batch",
     "CallableTarget",
     "ClassLogit",
+    "Continuation",
     "Contrastive",
     "CosineSimilarity",
     "LogProbability",
@@ -333,6 +335,104 @@ class Contrastive(Target):
     def describe(self) -> str:
         a, b = self._resolved()
         return f"({a.describe()}) - ({b.describe()})"
+
+
+class Continuation(Target):
+    """Log-probability of a continuation under a causal language model (teacher forcing).
+
+    The model reads prompt + continuation; the continuation is the **last** ``C`` tokens of every input
+    (pad on the left). The target is ``sum_j log p(c_j | prompt, c_<j)``, read at the positions that
+    predict each continuation token: ``log_softmax(logits[:, T - C - 1 + j])[c_j]``. Attributing it
+    says which prompt tokens make the model produce this answer (captum's ``LLMGradientAttribution``
+    explains the same sum; Sarti et al. 2023, *Inseq*). ``token=j`` keeps continuation token ``j``
+    alone; ``per_token=True`` asks token attribution for the breakdown, one attribution per
+    continuation token, which sums to the total for gradient x input and IG (both are linear in the
+    target).
+
+    Args:
+        continuation: Token ids ``(C,)`` for every example, or ``(N, C)`` one row per example.
+        token: Only this continuation token's log-probability (``0 <= token < C``).
+        per_token: Request the per-token breakdown from token attribution.
+
+    Raises:
+        TypeError: Non-integer ids.
+        ValueError: Empty ids, more than two dimensions, or ``token`` out of range.
+
+    Example:
+        >>> t = Continuation(torch.tensor([5, 7]))
+        >>> logits = torch.zeros(1, 4, 10)  # uniform next-token distribution
+        >>> round(float(t(logits, Batch(None, torch.tensor([0])))), 4)  # 2 * log(1/10)
+        -4.6052
+    """
+
+    name = "continuation"
+
+    def __init__(self, continuation: Sequence[int] | Tensor, *, token: int | None = None,
+                 per_token: bool = False) -> None:
+        ids = torch.as_tensor(continuation)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise TypeError(f"Continuation: token ids must be integers, got dtype {ids.dtype}.")
+        if ids.ndim not in (1, 2) or ids.shape[-1] == 0:
+            raise ValueError(
+                f"Continuation: expected token ids (C,) or (N, C) with C >= 1, got shape {tuple(ids.shape)}."
+            )
+        length = int(ids.shape[-1])
+        if token is not None and (isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < length):
+            raise ValueError(f"Continuation: token must be an int in 0..{length - 1}, got {token!r}.")
+        self.ids = ids.long().detach()
+        self.token = token
+        self.per_token = bool(per_token)
+
+    @property
+    def length(self) -> int:
+        """Number of continuation tokens ``C``."""
+        return int(self.ids.shape[-1])
+
+    def for_token(self, j: int) -> Continuation:
+        """The same continuation, explaining only token ``j``'s log-probability."""
+        return Continuation(self.ids, token=j)
+
+    def token_log_probs(self, output: Any, batch: Batch) -> Tensor:
+        """``(n, C)``: the log-probability of every continuation token, per row."""
+        logits = _output_tensor(output)
+        c = self.length
+        t = logits.shape[1]
+        ids = self.ids.to(logits.device)
+        ids = ids.expand(logits.shape[0], c) if ids.ndim == 1 else ids[batch.index.to(ids.device)]
+        pred = logits[:, t - c - 1 : t - 1]  # the position before each continuation token predicts it
+        return torch.log_softmax(pred, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+
+    def __call__(self, output: Any, batch: Batch) -> Tensor:
+        if self.token is not None:  # one position only: no log-softmax over the others
+            logits = _output_tensor(output)
+            t, c = logits.shape[1], self.length
+            ids = self.ids.to(logits.device)
+            col = ids[self.token].expand(logits.shape[0]) if ids.ndim == 1 else ids[batch.index.to(ids.device), self.token]
+            row = torch.log_softmax(logits[:, t - c - 1 + self.token], dim=-1)
+            return row.gather(1, col[:, None]).squeeze(1)
+        return self.token_log_probs(output, batch).sum(1)
+
+    def validate(self, output: Any, n_examples: int) -> None:
+        logits = _output_tensor(output)
+        if logits.ndim != 3:
+            raise ValueError(
+                f"Continuation needs a causal LM's logits (batch, tokens, vocabulary), got shape "
+                f"{tuple(logits.shape)}; use a model such as GPT2LMHeadModel."
+            )
+        if logits.shape[1] <= self.length:
+            raise ValueError(
+                f"Continuation: the inputs have {logits.shape[1]} tokens but the continuation has {self.length}; "
+                "give prompt + continuation (at least one prompt token), the continuation last."
+            )
+        if self.ids.ndim == 2 and self.ids.shape[0] != n_examples:
+            raise ValueError(f"Continuation: {self.ids.shape[0]} continuations for {n_examples} examples.")
+        vocab = logits.shape[2]
+        if int(self.ids.min()) < 0 or int(self.ids.max()) >= vocab:
+            raise ValueError(f"Continuation: token ids out of range for a vocabulary of {vocab}.")
+
+    def describe(self) -> str:
+        what = f"token {self.token} of " if self.token is not None else ""
+        return f"log-probability of {what}a {self.length}-token continuation"
 
 
 class CallableTarget(Target):

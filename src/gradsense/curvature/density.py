@@ -101,7 +101,8 @@ def spectral_density(
         grid_points: Points of the evaluation grid, which spans the nodes plus ``6 sigma`` on each side.
         reorthogonalize: Full reorthogonalisation of the Lanczos vectors. ``None``: on when the bases fit in
             ``max_memory`` (probes are then run in waves that fit), else off with a warning.
-        max_memory: Memory for the Lanczos bases (default: a quarter of free memory, at most 2 GiB).
+        max_memory: Memory budget: half of it for the products' activations (batches are split to fit), and
+            the Lanczos bases within it (default: a quarter of free memory; bases at most 2 GiB).
         batch_size: Batch size for tensors and Datasets.
         probe_batch: Vectors per vmap call (default from the memory budget, at most 8).
         cache_graph: Keep each batch's gradient graph and make every product one reverse pass through
@@ -139,7 +140,7 @@ def spectral_density(
     if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be a positive number or None, got {sigma!r}.")
     seed = draw_seed(seed, shared=True)
-    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
+    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size, max_memory=max_memory)
     n = op.numel
     groups = parameter_groups(model, op.params, per)
     products = RowProducts(op, probe_batch=probe_batch, cache_graph=cache_graph)

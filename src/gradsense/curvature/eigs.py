@@ -27,7 +27,15 @@ from torch import Tensor, nn
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, flatten, model_fingerprint
 from gradsense.core.grad import loss_gradient
-from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, operator, parameter_groups
+from gradsense.curvature.engine import (
+    Kind,
+    PerSpec,
+    RowProducts,
+    draw_seed,
+    operator,
+    parameter_groups,
+    vector_budget,
+)
 from gradsense.curvature.lanczos import Criterion, ThickRestartLanczos, Which, drive
 from gradsense.results.curvature import EigenResult
 
@@ -84,6 +92,7 @@ def hessian_eigs(
     batch_size: int = 256,
     probe_batch: int | None = None,
     cache_graph: bool | None = None,
+    max_memory: int | str | None = None,
     name: str | None = None,
 ) -> EigenResult:
     """Extreme eigenvalues and eigenvectors of the loss Hessian by thick-restart Lanczos.
@@ -126,7 +135,8 @@ def hessian_eigs(
         kind: ``"hessian"``, ``"ggn"`` (Gauss-Newton) or ``"fisher"`` (empirical Fisher).
         max_hvp: Product budget of each Lanczos run (default ``max(500, 50 * k)``); a run that reaches it
             is returned with ``converged=False`` and a warning.
-        basis_size: Lanczos vectors kept (default ``max(20, 3 * k)`` per end; memory ``basis_size * n``).
+        basis_size: Lanczos vectors kept (default ``max(20, 3 * k)`` per end, fewer where ``max_memory`` asks;
+            memory ``basis_size * n``).
         return_vectors: Keep the eigenvectors in the result (as flat rows; ``.eigenvectors`` gives
             parameter dicts).
         overlap: Compute the gradient overlap with the eigenvectors (one extra gradient pass).
@@ -134,7 +144,10 @@ def hessian_eigs(
         probe_batch: Vectors per vmap call when several Lanczos runs go in lockstep (``per=``).
         cache_graph: Keep each batch's gradient graph and make every product one reverse pass through
             it (about 2 U instead of 3.5-4 U; see :class:`~gradsense.curvature.engine.RowProducts`).
-            ``None``: when it fits in a quarter of free memory; ``False``: forward-over-reverse every time.
+            ``None``: when it fits in a quarter of free memory (in half of ``max_memory`` when given);
+            ``False``: forward-over-reverse every time.
+        max_memory: Memory budget (bytes or e.g. ``"8GB"``; default a quarter of free memory): batches are split
+            so that a product's activations take at most half of it, and the solver's vectors the other half.
         name: Model name for the result's metadata.
 
     Returns:
@@ -172,7 +185,7 @@ def hessian_eigs(
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}.")
     seed = draw_seed(seed, shared=True)
-    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
+    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size, max_memory=max_memory)
     n = op.numel
     _check_k(k, which, n)
     groups = parameter_groups(model, op.params, per)
@@ -181,6 +194,8 @@ def hessian_eigs(
         raise ValueError(f"max_hvp must be a positive int, got {max_hvp!r}.")
     ends = 2 if which == "both" else 1
     basis = max(20, 3 * k * ends) if basis_size is None else int(basis_size)
+    if basis_size is None and max_memory is not None:  # the basis is (basis, n): keep it in its half of the budget
+        basis = max(k * ends + 2, min(basis, vector_budget(op) - 3))
     products = RowProducts(op, probe_batch=probe_batch, cache_graph=cache_graph)
 
     gen = torch.Generator().manual_seed(seed)
@@ -224,7 +239,8 @@ def hessian_eigs(
         tensors["eigenvectors"] = main.eigenvectors
     grad_flat = None
     if overlap:
-        grad_flat = flatten(loss_gradient(model, loss_fn, data, params=params, batch_size=batch_size))
+        grad_flat = flatten(loss_gradient(model, loss_fn, data, params=params,
+                                          batch_size=min(batch_size, op.max_rows or batch_size)))
         tensors["gradient_overlap"] = gradient_overlap(grad_flat, main.eigenvectors[:k])
     not_converged = [] if bool(main.converged.all()) else ["all parameters"]
     if len(groups):

@@ -26,6 +26,8 @@ from gradsense.core.batching import (
     chunks,
     default_budget,
     estimate_example_bytes,
+    fit_budget_bytes,
+    parse_memory,
 )
 from gradsense.core.checks import check_loss_batch, draw_seed
 from gradsense.core.distributed import DataLike, all_reduce_sum
@@ -37,9 +39,11 @@ __all__ = [
     "Kind",
     "PerSpec",
     "RowProducts",
+    "budget_bytes",
     "draw_seed",
     "operator",
     "parameter_groups",
+    "vector_budget",
 ]
 
 Kind = Literal["hessian", "ggn", "fisher"]
@@ -127,7 +131,7 @@ def parameter_groups(model: nn.Module, params: Mapping[str, Tensor], per: PerSpe
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def _check_loss(op: CurvatureOperator) -> None:
+def _check_loss(op: CurvatureOperator, probe: int | None = None) -> None:
     batches = op.batches()
     first = next(iter(batches), None)
     if first is None:
@@ -136,8 +140,8 @@ def _check_loss(op: CurvatureOperator) -> None:
         )
     x, y = first
     rest = [b[1] for b in batches[1:]] if isinstance(batches, list) else []  # every cached batch's labels
-    check_loss_batch(lambda r: op.fm(op.params, r), op.loss_fn, x, y, what="curvature", model=op.model, probe=None,
-                     more_labels=rest)
+    check_loss_batch(lambda r: op.fm(op.params, r), op.loss_fn, x, y, what="curvature", model=op.model,
+                     probe=probe, more_labels=rest)
 
 
 def operator(
@@ -149,6 +153,7 @@ def operator(
     kind: Kind = "hessian",
     batch_size: int = 256,
     method: Literal["auto", "forward-over-reverse", "double-backward"] = "auto",
+    max_memory: int | str | None = None,
 ) -> CurvatureOperator:
     """The curvature of a model's loss over a dataset as a linear operator on flat parameter vectors.
 
@@ -167,6 +172,8 @@ def operator(
         kind: ``"hessian"``, ``"ggn"`` or ``"fisher"``.
         batch_size: Batch size for tensors and Datasets.
         method: Hessian-vector product method (see :func:`gradsense.core.hvp.hvp`).
+        max_memory: Memory budget (bytes or e.g. ``"8GB"``; default a quarter of free memory). Batches are
+            split so that one product's activations take at most half of it (``op.max_rows``).
 
     Returns:
         A :class:`~gradsense.core.hvp.CurvatureOperator`.
@@ -186,11 +193,57 @@ def operator(
     check_model(model)
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
+    if max_memory is not None:
+        parse_memory(max_memory)
     op = CurvatureOperator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size, method=method)
     if not all(p.is_floating_point() for p in op.params.values()):
         raise ValueError("the selected parameters must be floating-point tensors.")
-    _check_loss(op)
+    # first: nothing else runs on inputs that do not fit. The check runs the first batch (no gradient), or two
+    # rows of it under an explicit budget that the whole batch may not fit
+    _check_loss(op, probe=None if max_memory is None else 2)
+    _fit_budget(op, max_memory)
     return op
+
+
+HVP_FACTOR = 3.0
+"""A forward-over-reverse product holds about this many times the memory of a forward+backward (the primal
+and tangent activations, and the backward of both); measured on GPT-2 and BERT blocks on CPU."""
+
+
+budget_bytes = fit_budget_bytes
+
+
+PARAM_COPIES = 8
+"""A forward-over-reverse product also holds about this many parameter-sized tensors whatever the rows (gradient,
+its tangent, the result, dense embedding gradients, transposed weights): measured 7.2 on GPT-2 on CPU."""
+
+
+def _fit_budget(op: CurvatureOperator, max_memory: int | float | str | None) -> None:
+    """Split the data batches so that one product (its activations, ``HVP_FACTOR`` times a forward+backward's,
+    and its ``PARAM_COPIES`` parameter-sized tensors) takes at most half of the budget (the other half is for the
+    solvers' vectors); records ``op.budget`` and ``op.example_bytes``."""
+    op.budget = budget_bytes(max_memory, op.device)  # type: ignore[attr-defined]
+    op.max_memory = max_memory  # type: ignore[attr-defined]
+    first = next(iter(op.batches()), None)
+    if first is None:
+        return  # no data: the check that follows says so
+    x = first[0]
+    try:
+        per = estimate_example_bytes(op.model, x[:1].detach(), forward=lambda r: op.fm(op.params, r))
+    except Exception:  # an estimate only: assume something large
+        per = 64 * 1024**2
+    op.example_bytes = per  # type: ignore[attr-defined]
+    item = next(iter(op.params.values())).element_size()
+    room = op.budget // 2 - PARAM_COPIES * op.numel * item  # type: ignore[attr-defined]
+    rows = max(1, int(room // max(int(per * HVP_FACTOR), 1)))
+    if rows < max(int(b[0].shape[0]) for b in op.batches()):
+        op.max_rows = rows
+
+
+def vector_budget(op: CurvatureOperator) -> int:
+    """How many parameter-sized vectors the solvers may keep: half of the operator's budget."""
+    item = next(iter(op.params.values())).element_size()
+    return max(1, int(getattr(op, "budget", budget_bytes(None, op.device)) // 2 // max(op.numel * item, 1)))
 
 
 # ------------------------------------------------------------------------------------------ products
@@ -239,10 +292,14 @@ class RowProducts:
         hessian = op.kind == "hessian"
         if cache_graph and (not hessian or op.method == "forward-over-reverse"):
             raise ValueError("cache_graph=True needs kind='hessian' and an HVP method other than forward-over-reverse.")
-        self._per_example = self._example_bytes()
+        self._per_example = getattr(op, "example_bytes", None) or self._example_bytes()
+        self._given = max_memory is not None or getattr(op, "max_memory", None) is not None
+        if max_memory is None and getattr(op, "max_memory", None) is not None:
+            max_memory = op.budget // 2  # type: ignore[attr-defined]  # the other half is for the solvers' vectors
         if cache_graph is None:
             graph_bytes = 2 * self._per_example * op.total
-            cache_graph = hessian and op.method != "forward-over-reverse" and graph_bytes <= available_memory(op.device) // 4
+            room = parse_memory(max_memory) if max_memory is not None else available_memory(op.device) // 4
+            cache_graph = hessian and op.method != "forward-over-reverse" and graph_bytes <= room
         self.cached = bool(cache_graph)
         self._batched = (hessian and op.method != "double-backward") or self.cached
         self._graphs: list[tuple[int, list[Tensor | None]]] | None = None
@@ -263,7 +320,9 @@ class RowProducts:
             return 1
         x, _ = next(iter(self.op.batches()))
         item = self.op.params[self.names[0]].element_size()
-        per_probe = 2 * self._per_example * x.shape[0] + 4 * sum(self.sizes) * item
+        factor = HVP_FACTOR if self._given and not self.cached else 2
+        copies = PARAM_COPIES if self._given and not self.cached else 4
+        per_probe = int(factor * self._per_example * x.shape[0]) + copies * sum(self.sizes) * item
         if max_memory is None and self.cached:
             # through a cached graph, batching pays only where one product is small (measured on CPU)
             max_memory = min(default_budget(self.op.device), 64 * 1024**2)

@@ -18,7 +18,15 @@ from torch import Tensor, nn
 
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, model_fingerprint
-from gradsense.curvature.engine import Kind, PerSpec, RowProducts, draw_seed, operator, parameter_groups
+from gradsense.curvature.engine import (
+    Kind,
+    PerSpec,
+    RowProducts,
+    draw_seed,
+    operator,
+    parameter_groups,
+    vector_budget,
+)
 from gradsense.curvature.hutchpp import TraceMethod, hutchpp
 from gradsense.results.curvature import TraceResult
 
@@ -41,6 +49,7 @@ def hessian_trace(
     batch_size: int = 256,
     probe_batch: int | None = None,
     cache_graph: bool | None = None,
+    max_memory: int | str | None = None,
     name: str | None = None,
 ) -> TraceResult:
     """Trace of the loss Hessian by adaptive Hutch++ (or Hutchinson), stopping on the standard error.
@@ -69,7 +78,10 @@ def hessian_trace(
         probe_batch: Probes per vmap call (default from the memory budget, at most 8).
         cache_graph: Keep each batch's gradient graph and make every product one reverse pass through
             it (about 2 U instead of 3.5-4 U; see :class:`~gradsense.curvature.engine.RowProducts`).
-            ``None``: when it fits in a quarter of free memory; ``False``: forward-over-reverse every time.
+            ``None``: when it fits in a quarter of free memory (in half of ``max_memory`` when given);
+            ``False``: forward-over-reverse every time.
+        max_memory: Memory budget (bytes or e.g. ``"8GB"``; default a quarter of free memory): batches are split
+            so that a product's activations take at most half of it, and the solver's vectors the other half.
         name: Model name for the result's metadata.
 
     Returns:
@@ -103,11 +115,13 @@ def hessian_trace(
     if isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 2:
         raise ValueError(f"max_hvp must be an int >= 2, got {max_hvp!r}.")
     seed = draw_seed(seed, shared=True)
-    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
+    op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size, max_memory=max_memory)
     groups = parameter_groups(model, op.params, per)
     products = RowProducts(op, probe_batch=probe_batch, cache_graph=cache_graph)
     try:
-        est = hutchpp(products, op.numel, rtol=rtol, max_matvec=max_hvp, method=method,
+        vectors = vector_budget(op) if max_memory is not None else None  # probes and sketch in half the budget
+        sizes = {} if vectors is None else {"block": max(1, min(8, vectors // 8)), "max_rank": max(1, vectors // 4)}
+        est = hutchpp(products, op.numel, rtol=rtol, max_matvec=max_hvp, method=method, **sizes,
                       groups=[i.to(op.device) for i in groups.index], min_samples=min_samples, seed=seed,
                       dtype=op.dtype, device=op.device)
     finally:

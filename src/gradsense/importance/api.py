@@ -139,7 +139,7 @@ def importance(
         metric: Metric for the measurements (``"auto"``: accuracy for class logits; or ``(outputs, labels) -> float``).
         seed: Seed of every random probe (Hutchinson/Hutch++, zeroth-order directions).
         batch_size: Batch size for tensors and Datasets.
-        max_memory: Memory budget of one vmap call (bytes or e.g. ``"1GB"``).
+        max_memory: Memory budget of one vmap call and of one forward+backward piece (bytes or e.g. ``"1GB"``).
         chunk_size: Examples per vmap call for per-example gradients (default from the budget).
         name: Model name for the metadata.
         **options: Method options: ``alpha`` (gblm), ``reference``/``gamma`` (gaprune), ``probes``/``rtol``/

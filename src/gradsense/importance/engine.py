@@ -27,7 +27,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes
+from gradsense.core.batching import (
+    chunk_size_for,
+    chunks,
+    estimate_example_bytes,
+    fit_budget_bytes,
+    split_batch,
+)
 from gradsense.core.checks import check_eval_mode, check_loss_batch
 from gradsense.core.distributed import DataLike, all_reduce_sum, iterate, num_examples
 from gradsense.core.functional import FunctionalModel, ParamSpec, check_model, functional, select_parameters
@@ -103,8 +109,9 @@ class Context:
         loss_fn: ``(output, labels) -> scalar`` batch-mean loss.
         data: Calibration data (tensor, ``(inputs, labels)``, Dataset or DataLoader).
         names: The selected parameter names.
-        batch_size: Batch size for tensors and Datasets.
-        max_memory: Memory budget of one vmap call (bytes or e.g. ``"1GB"``).
+        batch_size: Batch size for tensors and Datasets (batches are then split into pieces that fit the budget).
+        max_memory: Memory budget of one vmap call and of one forward+backward piece (bytes or e.g. ``"1GB"``;
+            default a quarter of free memory for pieces).
         chunk_size: Examples per vmap call (default from the budget).
 
     Attributes:
@@ -120,6 +127,8 @@ class Context:
         self.fm: FunctionalModel = functional(model, self.names)
         self.params = self.fm.params
         self._batches: list[tuple[Tensor, Any]] | None = None
+        self._raw: list[tuple[Tensor, Any]] | None = None
+        self._checked = False
         self._grad: dict[str, Tensor] | None = None
         self._stats: tuple[dict[str, Tensor], dict[str, Tensor]] | None = None
         self._norms: dict[str, Tensor] | None = None
@@ -130,9 +139,26 @@ class Context:
     # ------------------------------------------------------------------------------------------- data
     def batches(self) -> list[tuple[Tensor, Any]]:
         """The calibration batches ``(inputs, labels)`` (read once through ``iterate``, then cached)."""
-        if self._batches is None:
-            self._batches = list(iterate(self.data, batch_size=self.batch_size))
+        if self._batches is not None:
+            return self._batches
+        if self._raw is None:
+            self._raw = list(iterate(self.data, batch_size=self.batch_size))
+        if not self._checked:  # the shared check sees the batches as given, before anything else runs
+            return self._raw
+        self._batches = [piece for x, y in self._raw for piece in split_batch(x, y, self._rows(self._raw))]
         return self._batches
+
+    def _rows(self, raw: list[tuple[Tensor, Any]]) -> int:
+        """Examples per forward+backward piece: the budget (``max_memory``, else a quarter of free memory) over
+        one example's activations, so a gradient or a forward with hooks never holds a whole large batch."""
+        if not raw:
+            return 1
+        x = raw[0][0]
+        try:
+            per = estimate_example_bytes(self.model, x[:1], forward=lambda r: self.fm(self.params, r))
+        except Exception:  # an estimate only; the shared check names what is wrong
+            return max(int(b[0].shape[0]) for b in raw)
+        return max(1, fit_budget_bytes(self.max_memory, x.device) // max(per, 1))
 
     @property
     def n_examples(self) -> int:
@@ -163,6 +189,7 @@ class Context:
         x, y = batches[0]
         check_loss_batch(lambda r: self.fm(self.params, r), self.loss_fn, x, y, what="importance", model=self.model,
                          more_labels=[b[1] for b in batches[1:]])
+        self._checked = True  # from now on, batches() gives pieces that fit the budget
 
     # ------------------------------------------------------------------------------------------- gradients
     def mean_grad(self) -> dict[str, Tensor]:
@@ -298,12 +325,13 @@ class Context:
             return hook
 
         handles = []
+        batches = self.batches()  # before the hooks: making the pieces runs the estimate's forward
         try:
             for n, m in owners.items():
                 handles.append(m.register_forward_pre_hook(make_hook(n, m)))
             seen = 0.0
             with torch.no_grad():
-                for x, _y in self.batches():
+                for x, _y in batches:
                     self.fm(self.params, x)
                     seen += x.shape[0]
                     self.n_forward_batches += 1

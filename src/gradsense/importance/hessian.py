@@ -62,8 +62,9 @@ def _offsets(params: dict[str, Tensor]) -> dict[str, tuple[int, int]]:
 def hessian(ctx: Context, granularity: str, groups: list[UnitGroup], *, probes: int | str = 32, rtol: float = 0.01,
             max_hvp: int = 2000, seed: int = 0, **_: Any) -> MethodOutput:
     """Hessian-aware saliency (see the module docstring)."""
-    op = operator(ctx.model, ctx.loss_fn, ctx.data, params=ctx.names, batch_size=ctx.batch_size)
-    products = RowProducts(op, max_memory=ctx.max_memory)
+    op = operator(ctx.model, ctx.loss_fn, ctx.data, params=ctx.names, batch_size=ctx.batch_size,
+                  max_memory=ctx.max_memory)
+    products = RowProducts(op)  # half of the budget for the products, from the operator
     g = ctx.mean_grad()
     params = dict(op.params)
     offsets = _offsets(params)

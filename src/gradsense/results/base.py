@@ -38,6 +38,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gradsense.core.checks import check_out_dir
+
 __all__ = ["Result", "ResultFileError", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
 
 _REGISTRY: dict[str, type[Result]] = {}
@@ -230,7 +232,7 @@ class Result:
             TypeError: ``meta`` holds something JSON cannot represent (nothing is written then).
             RuntimeError: safetensors refuses the tensors, e.g. two that share memory (nothing is written).
         """
-        directory = Path(directory)
+        directory = check_out_dir(directory, "directory")
         save_id = uuid.uuid4().hex
         meta = dict(self.meta)
         meta.setdefault("type", type(self).__name__)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from gradsense.cli.common import console, friendly_errors, model_option
+from gradsense.cli.common import Run, analysis_command
 
 
 def _parse_list(text: str, kind: type, what: str) -> list[Any]:
@@ -21,16 +21,9 @@ def _parse_list(text: str, kind: type, what: str) -> list[Any]:
     return items
 
 
-def _print(title: str, header: list[str], rows: list[list[str]], caption: str | None = None) -> None:
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD)
-    for i, col in enumerate(header):
-        table.add_column(col, justify="left" if i < 2 else "right", no_wrap=True)
-    for r in rows:
-        table.add_row(*r)
-    console.print(table)
+def _is_zoo(spec: str) -> bool:
+    """Whether ``spec`` names a zoo dataset (``zoo:NAME`` or a bare name that is not a path)."""
+    return spec.startswith("zoo:") or (not Path(spec).exists() and "." not in Path(spec).name and "/" not in spec)
 
 
 def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str = "audit") -> Path:
@@ -64,11 +57,10 @@ def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str
     return report.write(Path(out) / "report.html")
 
 
-@click.command("audit", short_help="What a shared gradient reveals, and what defences cost.")
-@model_option
-@click.option("--data", "data_name", required=True, help="zoo dataset the clients hold, e.g. photos or digits.")
-@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
-              help="split the audited batches (and the fine-tune) come from.")
+@analysis_command("audit", short_help="What a shared gradient reveals, and what defences cost.", split="train",
+                  data_help="the data the clients hold: a zoo dataset (photos, digits), a tensor file, a .csv with "
+                            "--label-column or an image folder.",
+                  n_help="examples the audited batches are drawn from (the first N; default all).")
 @click.option("--attacks", default="idlg,dlg,inverting", show_default=True,
               help="comma-separated: idlg, dlg, inverting, analytic.")
 @click.option("--defenses", default="none,prune,dp,int8,local", show_default=True,
@@ -78,17 +70,16 @@ def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str
 @click.option("--steps", default=None, type=int, help="Adam steps of the inverting attack (default 1000).")
 @click.option("--dlg-steps", default=None, type=int, help="L-BFGS iterations of the DLG attack (default 100).")
 @click.option("--restarts", default=None, type=int, help="random restarts of the inverting attack (default 1).")
+@click.option("--heldout", "heldout_spec", default=None, metavar="DATA",
+              help="held-out data for the accuracy cost (default: the other split of a zoo dataset).")
 @click.option("--n-heldout", default=256, show_default=True, type=int,
-              help="held-out examples (the other split) for the accuracy cost; 0 skips the fine-tunes.")
+              help="held-out examples for the accuracy cost; 0 skips the fine-tunes.")
 @click.option("--finetune-steps", default=50, show_default=True, type=int, help="rounds of the accuracy fine-tune.")
 @click.option("--untrained", is_flag=True, help="attack a freshly initialised copy of the architecture (as DLG and "
               "Inverting Gradients do) instead of the trained weights.")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed of the batches, noise and attack starts.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="run folder to write (result, figures, report).")
-@friendly_errors
-def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, attacks: str, defenses: str,
-              batch_sizes: str, n_batches: int, steps: int | None, dlg_steps: int | None, restarts: int | None,
-              n_heldout: int, finetune_steps: int, untrained: bool, seed: int, out: str | None) -> None:
+def audit_cmd(run: Run, attacks: str, defenses: str, batch_sizes: str, n_batches: int, steps: int | None,
+              dlg_steps: int | None, restarts: int | None, heldout_spec: str | None, n_heldout: int,
+              finetune_steps: int, untrained: bool) -> None:
     """What can a server reconstruct from the gradients clients share, and what does each defence cost?
 
     Runs every attack on every defence's shared message for batches of every size, scores the reconstructions
@@ -98,14 +89,19 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
     \b
     Examples:
       gradsense audit --model zoo:photos-lenet --data photos --out runs/audit
-      gradsense audit --model zoo:photos-cnn --data photos --attacks idlg,inverting --defenses none,dp:0.1 --batch-sizes 1,8
-      gradsense audit --model zoo:photos-lenet --data photos --untrained --steps 300 --dlg-steps 20
+      gradsense audit --model zoo:photos-cnn --data photos \\
+          --attacks idlg,inverting --defenses none,dp:0.1 --batch-sizes 1,8
+      gradsense audit --model zoo:photos-lenet --data photos --untrained \\
+          --steps 300 --dlg-steps 20
+      gradsense audit --model my.py:build --weights w.pt --data imgs/ \\
+          --input-shape 3,32,32 --heldout val_imgs/
     """
     import torch
 
     import gradsense as gs
-    from gradsense.specs import load_model
 
+    seed, out, split = run.seed, run.out, str(run.options.get("split") or "train")
+    model_spec = run.model_spec
     for value, flag in ((n_batches, "--n-batches"), (finetune_steps, "--finetune-steps")):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
@@ -116,18 +112,28 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
     defense_list = _parse_list(defenses, str, "--defenses")
     for d in defense_list:
         gs.privacy.parse_defense(d)
-    model = load_model(model_spec, weights=weights)
+    spec = run.data_spec()
+    if spec is None:
+        raise ValueError("`gradsense audit` needs --data SPEC: the data the clients hold (a zoo dataset such as "
+                         "photos, a tensor file, a .csv or an image folder).")
+    model = run.model()
     if untrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for m in model.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-    data = gs.zoo.dataset(data_name, split=split)
+    clients = run.data(spec=spec, split=split, n=run.options.get("n"), labels=True, model=model)
+    data, data_name = clients.pair(), clients.name
     heldout = None
     if n_heldout:
-        other = gs.zoo.dataset(data_name, split="test" if split == "train" else "train")
-        heldout = other[:n_heldout]
+        other = "test" if split == "train" else "train"
+        if heldout_spec is not None:
+            heldout = run.data(spec=heldout_spec, split=other, n=n_heldout, labels=True, model=model).pair()
+        elif _is_zoo(spec):
+            heldout = run.data(spec=spec, split=other, n=n_heldout, labels=True, model=model).pair()
+        else:
+            run.note(f"no --heldout data for {spec}: the accuracy cost of the defences is not measured.")
     options: dict[str, dict[str, Any]] = {}
     if steps is not None:
         options["inverting"] = {"steps": steps}
@@ -136,21 +142,27 @@ def audit_cmd(model_spec: str, weights: str | None, data_name: str, split: str, 
     if dlg_steps is not None:
         options["dlg"] = {"steps": dlg_steps}
     name = model_spec + (" (untrained)" if untrained else "")
-    res = gs.privacy.audit(model, gs.losses.cross_entropy, data, attacks=attack_list, defenses=defense_list,
-                           batch_sizes=sizes, n_batches=n_batches, heldout=heldout, attack_options=options,
-                           finetune_steps=finetune_steps, seed=seed, name=name)
+    n_cells = len(attack_list) * len(defense_list) * len(sizes) * n_batches
+    with run.stage(f"{n_cells} attacks ({', '.join(attack_list)}) on {len(defense_list)} defence(s), batch sizes "
+                   f"{', '.join(map(str, sizes))}"):
+        res = gs.privacy.audit(model, run.loss(), data, attacks=attack_list, defenses=defense_list, batch_sizes=sizes,
+                               n_batches=n_batches, heldout=heldout, attack_options=options,
+                               finetune_steps=finetune_steps, seed=seed, name=name, show_progress=False)
+    run.add("privacy-audit", res)
     header, rows = res.table()
-    _print(f"What {name} leaks: {data_name} ({split}), {n_batches} batch(es) per size", header, rows,
-           caption="cells: mean / worst case (the most revealing image, or batch for labels)")
+    run.table(f"What {name} leaks: {data_name}, {n_batches} batch(es) per size", header, rows, name="leaks")
+    run.note("cells: mean / worst case (the most revealing image, or batch for labels)")
     costs = res.cost_table()
     if costs is not None:
-        _print(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_heldout} held-out examples", *costs,
-               caption="cost in percentage points against no defence; ε at delta 1e-5 (RDP)")
-    console.print("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not.")
+        n_held = heldout[0].shape[0] if heldout is not None else 0
+        run.table(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_held} held-out examples", *costs,
+                  name="accuracy-cost")
+        run.note("cost in percentage points against no defence; ε at delta 1e-5 (RDP)")
+    run.note("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not.")
     if out:
         path = write_audit(res, out, title=f"gradsense audit: {name} on {data_name}", text=(
             f"Every attack on what a client shares under every defence, for batches of {', '.join(map(str, sizes))} "
             f"{data_name} examples ({n_batches} per size). PSNR/SSIM compare each original with its best-matched "
             "reconstruction; label accuracy counts the recovered labels as a multiset. Below ~20 dB a photo is not "
             "recognisable; labels leak even when images do not."))
-        console.print(f"wrote {path}")
+        run.wrote(path)

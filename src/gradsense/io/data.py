@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -409,6 +410,10 @@ def _labels_from(values: Sequence[Any], what: str) -> tuple[Tensor, list[str] | 
     return torch.tensor([index[str(v)] for v in values], dtype=torch.long), classes
 
 
+#: CSV header names that usually hold the labels: read as a feature only with a warning
+_LABEL_NAMES = {"label", "labels", "target", "targets", "y", "class", "classes", "diagnosis", "outcome", "category"}
+
+
 def _csv(path: Path, label_column: str | int | None) -> Data:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
@@ -435,6 +440,12 @@ def _csv(path: Path, label_column: str | int | None) -> Data:
         else:
             raise ValueError(f"{path} has no column {label_column!r}; its columns: {header[:20]}"
                              + (" ..." if len(header) > 20 else "") + ".")
+    elif not header_is_data:
+        likely = [h for h in header if h.strip().lower() in _LABEL_NAMES]
+        if likely:
+            warnings.warn(f"{path.name}: no label column given, so its column {likely[0]!r} is read as a feature and "
+                          f"the data has no labels; if it holds the labels, pass --label-column {likely[0]} "
+                          f"(label_column={likely[0]!r}).", UserWarning, stacklevel=3)
     features = [i for i in range(len(header)) if i != label_idx]
     if not features:
         raise ValueError(f"{path}: no feature columns left besides the label column.")

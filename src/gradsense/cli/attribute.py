@@ -86,7 +86,12 @@ def attribute_cmd(
     if is_text:
         from gradsense.attribution.tokens import TokenAttribution, find_embedding_layer, similarity_target
 
-        find_embedding_layer(model)  # a clear error for image models given text
+        try:
+            find_embedding_layer(model)  # a clear error for image or tabular models given text
+        except ValueError as err:
+            given = "--text" if texts else f"{run.options['data']} is text"
+            raise ValueError(f"{given}, but {run.model_spec} has no nn.Embedding layer to attribute tokens at: text "
+                             "needs a text model such as zoo:minilm or hf:DIR (with its tokenizer).") from err
         labels = None
         if texts:
             sentences = list(texts)

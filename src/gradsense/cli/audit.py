@@ -112,6 +112,12 @@ def audit_cmd(run: Run, attacks: str, defenses: str, batch_sizes: str, n_batches
     defense_list = _parse_list(defenses, str, "--defenses")
     for d in defense_list:
         gs.privacy.parse_defense(d)
+    from gradsense.core.checks import suggest
+
+    for a in attack_list:  # every name checked before anything is loaded
+        if a not in gs.privacy.ATTACKS:
+            raise ValueError(f"unknown attack {a!r} in --attacks; choose from {sorted(gs.privacy.ATTACKS)}."
+                             f"{suggest(a, gs.privacy.ATTACKS)}")
     spec = run.data_spec()
     if spec is None:
         raise ValueError("`gradsense audit` needs --data SPEC: the data the clients hold (a zoo dataset such as "

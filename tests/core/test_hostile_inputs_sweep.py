@@ -149,7 +149,7 @@ EMPTY_LOADER = DataLoader(TensorDataset(X, Y), batch_size=16, drop_last=True)
 
 
 def _fresh_data(data):
-    if isinstance(data, type((i for i in ()))):  # a generator is spent once used: rebuild it
+    if isinstance(data, type(i for i in ())):  # a generator is spent once used: rebuild it
         return ((X[i : i + 2], Y[i : i + 2]) for i in range(0, 8, 2))
     return data
 

@@ -10,7 +10,9 @@ Found trying it and fixed (each reproduced here):
   model's input width with nothing pointing at the cause: a warning now names the column and the option;
 - text data on a model without an embedding layer answered with the Python API's advice (``use gs.attribute(model,
   x, ...)``) rather than what to do on the command line;
-- a misspelt ``--attacks`` name was found only after the model and data had been loaded.
+- a misspelt ``--attacks`` name was found only after the model and data had been loaded;
+- ``gradsense attribute`` on a CSV printed the settings but not one attribution: it now ranks the features by mean
+  |attribution| (with the signed mean), in the terminal and in ``--json``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from torch import nn
 
 def build(n_features: int = 6, n_classes: int = 3):
     return nn.Sequential(nn.Linear(n_features, 16), nn.Tanh(), nn.Linear(16, n_classes))
+
+
+def linear():
+    return nn.Linear(6, 3)
 '''
 
 
@@ -61,6 +67,28 @@ def user(tmp_path, monkeypatch):
 
 def _invoke(*args: str):
     return CliRunner().invoke(cli, list(args), env={"COLUMNS": "80"})
+
+
+def test_attribute_on_a_csv_ranks_the_features_as_the_closed_form_says(user, tmp_path):
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 3)
+    torch.save(lin.state_dict(), tmp_path / "lin.pt")
+    r = _invoke("attribute", "--model", "my.py:linear", "--weights", "lin.pt", "--data", "train.csv",
+                "--label-column", "label", "--method", "saliency", "--n", "24", "--json")
+    assert r.exit_code == 0, r.output
+    table = next(t for t in json.loads(r.stdout)["tables"] if t["name"] == "saliency-features")
+    _, _, y = user
+    grads = lin.weight.detach()[y[:24]]  # saliency of a linear model: the gradient is the target class's row of W
+    names = list("abcdef")
+    got = {row[1]: (float(row[2]), float(row[3])) for row in table["rows"]}
+    assert [row[1] for row in table["rows"]] == [names[j] for j in grads.abs().mean(0).argsort(descending=True)]
+    for j, name in enumerate(names):
+        assert got[name][0] == pytest.approx(float(grads[:, j].abs().mean()), rel=1e-3)
+        assert got[name][1] == pytest.approx(float(grads[:, j].mean()), rel=1e-3, abs=1e-6)
+    shown = _invoke("attribute", "--model", "my.py:linear", "--weights", "lin.pt", "--data", "train.csv",
+                    "--label-column", "label", "--n", "24")
+    assert "Features by mean |attribution| over 24 example(s) (all 6)" in shown.output
+    assert max(len(line) for line in shown.stdout.splitlines()) <= 80
 
 
 def test_influence_reads_a_csv_with_label_column_and_matches_the_api(user, tmp_path):

@@ -488,3 +488,28 @@ def test_label_checks_leave_the_global_rng_and_train_mode_statistics_alone():
         check_module_batch(model, CE, X, Y, what="probe")
     torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
     assert F.softmax(model.eval()(X), dim=1).shape == (8, 3)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda: gs.load_model("zoo:digits-cnn", weights=123), TypeError, r"weights must be a file path .* got int"),
+        (lambda: gs.load_model(None), ValueError, r"model spec must be a non-empty string"),
+        (lambda: gs.load_data(123), ValueError, r"data spec must be 'zoo:NAME'.*got 123"),
+        (lambda: gs.load_data("zoo:digits", limit=0), ValueError, r"limit must be a positive int, got 0"),
+        (lambda: gs.load_data("zoo:digits", split="val"), ValueError, r"split must be .train. or .test., got .val."),
+    ],
+    ids=["weights-not-a-path", "model-spec-none", "data-spec-int", "limit-0", "split-val"],
+)
+def test_loading_mistakes_are_one_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("text", ["3,x,4", "3,,4", "3,16,", "3;16;16", "3,16.5,16", "3,0,16"])
+def test_an_input_shape_with_a_typo_is_refused_not_shortened(text):
+    from gradsense.io.data import parse_shape
+
+    with pytest.raises(ValueError, match=r"input shape must be positive integers like 3,32,32; got"):
+        parse_shape(text)
+    assert parse_shape(" 3x16x16 ") == parse_shape("3,16,16") == parse_shape([3, 16, 16]) == (3, 16, 16)

@@ -165,7 +165,8 @@ def parse_shape(text: str | Sequence[int] | None, what: str = "input shape") -> 
     if text is None:
         return None
     try:
-        parts = [int(s) for s in text.replace("x", ",").split(",") if s.strip()] if isinstance(text, str) \
+        # every part must be a number: '3,x,4' or '3,,4' is a typo, not the shape (3, 4)
+        parts = [int(s) for s in text.strip().replace("x", ",").split(",")] if isinstance(text, str) \
             else [int(s) for s in text]
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} must be positive integers like 3,32,32; got {text!r}.") from err

@@ -30,6 +30,7 @@ _SUBMODULES = (
 )
 _FUNCTIONS = {
     "attribute": "gradsense.attribution",
+    "attribute_dataset": "gradsense.attribution",
     "attribute_tokens": "gradsense.attribution",
     "hessian_eigs": "gradsense.curvature",
     "hessian_trace": "gradsense.curvature",
@@ -43,14 +44,17 @@ _FUNCTIONS = {
     "load_model": "gradsense.io",
     "load_data": "gradsense.io",
     "AttributionResult": "gradsense.results",
+    "DatasetAttribution": "gradsense.results",
     "Result": "gradsense.results",
 }
 
 __all__ = [
     "AttributionResult",
+    "DatasetAttribution",
     "Result",
     "__version__",
     "attribute",
+    "attribute_dataset",
     "attribute_tokens",
     "attribution",
     "core",
@@ -98,13 +102,13 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ imports on f
         viz,
         zoo,
     )
-    from gradsense.attribution import attribute, attribute_tokens
+    from gradsense.attribution import attribute, attribute_dataset, attribute_tokens
     from gradsense.curvature import hessian_eigs, hessian_trace, spectral_density
     from gradsense.evaluation import evaluate, global_sensitivity
     from gradsense.influence import gradient_alignment
     from gradsense.io import load_data, load_model
     from gradsense.landscape import interpolate, loss_surface, sharpness
-    from gradsense.results import AttributionResult, Result
+    from gradsense.results import AttributionResult, DatasetAttribution, Result
 
 
 # result kind -> the analysis that hands its result types their verbs (e.g. ImportanceResult.prune): result

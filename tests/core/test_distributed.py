@@ -121,3 +121,31 @@ def test_single_process_world():
     t = torch.tensor([1.0, 2.0])
     assert all_reduce_sum(t) is t
     torch.testing.assert_close(t, torch.tensor([1.0, 2.0]), rtol=0, atol=0)
+
+
+def test_single_process_helpers_are_identities(monkeypatch):
+    from gradsense.core.distributed import all_gather_cat, broadcast_seed, launched, process_group
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not launched()
+    with process_group() as (rank, size):  # not launched: nothing is initialised
+        assert (rank, size) == (0, 1)
+        assert not torch.distributed.is_initialized()
+    t = torch.arange(6.0).reshape(3, 2)
+    assert all_gather_cat(t) is t
+    assert broadcast_seed(123) == 123
+
+
+def test_launched_reads_torchruns_environment(monkeypatch):
+    from gradsense.core.distributed import launched
+
+    env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert launched()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # torchrun --nproc-per-node 1: one process, no group needed
+    assert not launched()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR")
+    assert not launched()

@@ -43,3 +43,17 @@ def test_bad_input_is_one_line_and_exit_code_2(args, match):
     r = CliRunner().invoke(hessian_cmd, ["--model", "zoo:digits-cnn", "--dataset", "digits", "--n", "8", *args])
     assert r.exit_code == 2, r.output
     assert match in r.output and "Traceback" not in r.output
+
+
+def test_hessian_command_takes_the_criterion_and_shows_the_error_estimate():
+    r = CliRunner().invoke(
+        hessian_cmd,
+        ["--model", "zoo:digits-cnn", "--dataset", "digits", "--n", "32", "--k", "2", "--criterion", "eigenvalue",
+         "--tol", "1e-4", "--steps", "5", "--probes", "1", "--rtol", "0.2", "--seed", "0"],
+        catch_exceptions=False,
+    )
+    assert r.exit_code == 0, r.output
+    assert "rel. error" in r.output and "Hessian eigenvalues" in r.output
+    r = CliRunner().invoke(hessian_cmd, ["--model", "zoo:digits-cnn", "--dataset", "digits", "--n", "8",
+                                         "--criterion", "exact"])
+    assert r.exit_code == 2 and "exact" in r.output

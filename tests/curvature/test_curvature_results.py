@@ -81,3 +81,15 @@ def test_density_result_accessors(results):
     ax = res.plot().axes[0]
     assert ax.get_yscale() == "log" and len(ax.get_lines()) == 1 + len(res.groups)
     assert res.moment(0) == pytest.approx(1.0)
+
+
+def test_error_estimates_are_saved_loaded_and_shown(results, tmp_path):
+    r = results["eigs"]
+    assert r.errors is not None and r.errors.shape == r.eigenvalues.shape
+    # the estimate never exceeds the residual (|theta - lambda| <= r always), up to the dtype's rounding floor
+    floor = torch.finfo(torch.float64).eps * float(r.eigenvalues.abs().max())
+    assert bool((r.errors <= torch.clamp(r.residuals, min=floor) * (1 + 1e-9)).all())
+    back = Result.load(r.save(tmp_path / "eigs"))
+    assert torch.equal(back.errors, r.errors) and torch.equal(back.tensors["group_errors"], r.tensors["group_errors"])
+    assert "relative_errors=[" in repr(back) and "converged=" in repr(back)
+    assert any(k.startswith("estimated eigenvalue errors") for k, _ in back.summary())

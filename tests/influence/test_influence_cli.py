@@ -21,7 +21,7 @@ def test_influence_command_writes_a_run_folder_that_resumes(tmp_path):
     r = _run(*args)
     assert r.exit_code == 0, r.output
     assert "proponent" in r.output and "opponent" in r.output and "self-influential" in r.output
-    assert max(len(line) for line in r.output.splitlines()) <= 80
+    assert max(len(line) for line in r.stdout.splitlines()) <= 80  # stderr: progress lines naming paths
     res = gs.Result.load(out / "influence")
     assert res.scores.shape == (2, 60)
     assert (out / "report.html").is_file() and (out / "figures" / "influence.png").is_file()
@@ -58,3 +58,22 @@ def test_influence_command_bad_input_is_one_line(tmp_path):
         r = _run(*base, *extra)
         assert r.exit_code == 2, (extra, r.output)
         assert match in r.output and "Traceback" not in r.output, (extra, r.output)
+
+
+def test_influence_command_takes_the_shared_data_options():
+    import json
+
+    r = _run("influence", "--model", "zoo:digits-cnn", "--data", "zoo:digits", "--split", "train", "--n", "30",
+             "--query", "zoo:digits", "--n-query", "2", "--method", "grad_dot", "--k", "2", "--json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    x, y = gs.zoo.dataset("digits", split="train")[:30]
+    xq, yq = gs.zoo.dataset("digits", split="test")[:2]
+    ref = gs.influence.scores(gs.zoo.load("digits-cnn"), gs.losses.cross_entropy, (x, y), (xq, yq), method="grad_dot")
+    table = next(t for t in doc["tables"] if t["name"] == "influence")
+    assert table["rows"][0][3].startswith(f"#{int(ref.top(0, 2).indices[0])} ")
+    got = torch.tensor(doc["results"]["influence"]["tensors"]["scores"], dtype=ref.scores.dtype)
+    torch.testing.assert_close(got, ref.scores, rtol=1e-5, atol=1e-7)
+    both = _run("influence", "--model", "zoo:digits-cnn", "--data", "zoo:digits", "--train", "digits:train[:5]",
+                "--query", "digits:test[:1]")
+    assert both.exit_code == 2 and "--data or --train" in both.output

@@ -9,6 +9,7 @@ from gradsense.attribution.cam import (
     SmoothGradCAMPlusPlus,
     find_cam_layer,
 )
+from gradsense.attribution.dataset import attribute_dataset
 from gradsense.attribution.fullgrad import FullGrad
 from gradsense.attribution.gradients import InputXGradient, Saliency
 from gradsense.attribution.legrad import NON_VIT_METHODS, LeGrad, ViTStructure, find_vit_structure
@@ -43,6 +44,7 @@ __all__ = [
     "VarGrad",
     "ViTStructure",
     "attribute",
+    "attribute_dataset",
     "attribute_tokens",
     "find_cam_layer",
     "find_vit_structure",

@@ -26,7 +26,7 @@ from gradsense.core.grad import input_gradients, warn_if_train_mode
 from gradsense.core.targets import Target, TargetLike, _output_tensor, as_target
 from gradsense.results.attribution import AttributionResult
 
-__all__ = ["METHODS", "Attribution", "attribute", "get_method", "method_names", "register"]
+__all__ = ["METHODS", "Attribution", "accepted_options", "attribute", "get_method", "method_names", "register"]
 
 METHODS: dict[str, type[Attribution]] = {}
 
@@ -230,6 +230,17 @@ def _batch_of(inputs: Tensor) -> Any:
     return Batch(inputs=inputs, index=torch.arange(inputs.shape[0], device=inputs.device))
 
 
+def accepted_options(cls: type[Attribution]) -> set[str]:
+    """The keyword options a method's class takes (its ``__init__`` and its bases')."""
+    return {
+        p.name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for p in inspect.signature(vars(klass)["__init__"]).parameters.values()
+        if p.kind == p.KEYWORD_ONLY
+    }
+
+
 def attribute(
     model: nn.Module,
     inputs: Tensor,
@@ -261,13 +272,7 @@ def attribute(
         >>> a = gs.attribute(model, x, target=y, method="saliency")  # doctest: +SKIP
     """
     cls = get_method(method)
-    accepted = {
-        p.name
-        for klass in cls.__mro__
-        if "__init__" in vars(klass)
-        for p in inspect.signature(vars(klass)["__init__"]).parameters.values()
-        if p.kind == p.KEYWORD_ONLY
-    }
+    accepted = accepted_options(cls)
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"method {method!r} does not take option(s) {unknown}; it takes {sorted(accepted)}.")

@@ -28,7 +28,8 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 @analysis_command("attribute", short_help="Attribute predictions to pixels, tokens or features.", n=8, data_help="examples to explain: zoo:NAME, tensors, .csv, an image folder or "
-                                              "text (.txt/.jsonl); the first --n are taken.")
+                                              "text (.txt/.jsonl); the first --n are taken (with --all: every one).",
+                  resumable=True)
 @click.option("--input", "input_files", multiple=True, type=click.Path(dir_okay=False),
               help="image file(s) (PNG/JPG...) or one tensor file (.safetensors/.npy). Repeatable.")
 @click.option("--text", "texts", multiple=True, help="sentence(s) for a text model. Repeatable.")
@@ -40,9 +41,13 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:
                    "or a class index.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="method option, e.g. steps=32 (JSON values). Repeatable.")
 @click.option("--key", default=None, help="tensor name inside a .safetensors --input.")
+@click.option("--all", "whole", is_flag=True,
+              help="every example of --data (or the first --n given explicitly), streamed in resumable shards into "
+                   "--out, with mean |attribution| per class and per feature (implied by --resume).")
+@click.option("--shard-size", default=None, type=int, help="with --all: examples per shard (default: about 32 MB).")
 def attribute_cmd(
     run: Run, input_files: tuple[str, ...], texts: tuple[str, ...], compare: str | None, method: str,
-    target: str | None, options: tuple[str, ...], key: str | None,
+    target: str | None, options: tuple[str, ...], key: str | None, whole: bool, shard_size: int | None,
 ) -> None:
     """Attribute a model's prediction to its inputs: pixels, tokens or features.
 
@@ -58,6 +63,8 @@ def attribute_cmd(
           --label-column diagnosis --method ig
       gradsense attribute --model zoo:minilm --text "A person plays music." \\
           --compare "A man plays guitar."
+      gradsense attribute --model zoo:digits-cnn --data zoo:digits --all \\
+          --method smoothgrad --out runs/all  [--resume]
     """
     import gradsense as gs
     from gradsense.attribution import get_method
@@ -81,7 +88,14 @@ def attribute_cmd(
             int(target)
         except ValueError as err:
             raise ValueError(f"--target must be 'label', 'predicted', 'loss' or an int, got {target!r}.") from err
+    if (whole or run.resume) and not data_given:
+        raise ValueError("--all/--resume attribute a dataset: give --data SPEC.")
+    if shard_size is not None and not (whole or run.resume):
+        raise ValueError("--shard-size goes with --all (attribution of a whole dataset in shards).")
     model = run.model()
+    if (whole or run.resume) and not is_text:
+        _whole_dataset(run, model, method, target, opts, shard_size)
+        return
 
     if is_text:
         from gradsense.attribution.tokens import TokenAttribution, find_embedding_layer, similarity_target
@@ -158,6 +172,71 @@ def _feature_table(run: Run, result: Any, feature_names: Any, top: int = 10) -> 
     shown = f"top {len(order)} of {a.shape[1]}" if a.shape[1] > len(order) else f"all {a.shape[1]}"
     run.table(f"Features by mean |attribution| over {a.shape[0]} example(s) ({shown})",
               ["rank", "feature", "mean |attribution|", "mean attribution"], rows, name=f"{result.method}-features")
+
+
+def _whole_dataset(run: Run, model: Any, method: str, target: str | None, opts: dict[str, Any],
+                   shard_size: int | None) -> None:
+    """``--all``: :func:`gradsense.attribute_dataset` over the data, shards in ``--out/dataset-METHOD``."""
+    import click
+
+    import gradsense as gs
+    from gradsense.attribution import get_method
+
+    ctx = click.get_current_context()
+    explicit_n = ctx.get_parameter_source("n") not in (click.core.ParameterSource.DEFAULT, None)
+    data = run.data(n=run.options.get("n") if explicit_n else None)
+    x, labels = data.inputs, data.labels
+    cls = get_method(method)
+    kwargs = run.engine_kwargs(cls, **opts)
+    kwargs.pop("seed", None)  # attribute_dataset's own seed: each shard derives its seed from it
+    kwargs.pop("show_progress", None)
+    tgt: Any = target if target is not None else ("label" if labels is not None else "predicted")
+    if tgt not in ("label", "predicted", "loss"):
+        tgt = int(tgt)
+    name = f"dataset-{cls.name}"
+    out = None if run.out is None else run.out / name
+    with run.long_stage(f"{cls.name} on {x.shape[0]} example(s)" + (f" into {out}" if out else "")) as bar:
+        result = gs.attribute_dataset(
+            model, (x, labels) if labels is not None else x, method=method, target=tgt, out=out, resume=run.resume,
+            shard_size=shard_size, seed=run.seed, loss_fn=run.loss() if tgt == "loss" else None,
+            feature_names=data.feature_names, class_names=data.classes, show_progress=bar, name=run.model_spec,
+            **kwargs)
+    from gradsense.core.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun: rank 0 reports and writes
+        return
+    run.rows(result.title, result.summary(), name=name)
+    _aggregate_tables(run, result)
+    if run.out:
+        from gradsense.viz.report import Report
+
+        with run.stage(f"writing {run.out}"):
+            run.save(name, result)
+            report = Report.extend(run.out / "report.html", f"gradsense attribute: {run.model_spec}",
+                                   source=f"attribute:{name}")
+            report.add_result(result)
+            path = report.write(run.out / "report.html")
+        run.wrote(path)
+    else:
+        run.add(name, result)
+
+
+def _aggregate_tables(run: Run, result: Any) -> None:
+    """Mean |attribution| per class and, for named features, the top features overall and per class."""
+    counts = result.class_counts()
+    per_class = result.mean_abs_per_class()
+    names = result.meta.get("class_names")
+    rows = [[str(names[c]) if names and c < len(names) else str(c), str(int(counts[c])), f"{float(per_class[c]):.4g}"]
+            for c in range(counts.shape[0]) if int(counts[c]) > 0]
+    if rows:
+        run.table(f"mean |attribution| per class (grouped by {result.meta.get('group_by')})",
+                  ["class", "examples", "mean |attribution|"], rows, name="per_class")
+    features = result.meta.get("feature_names")
+    if features and len(result.input_shape) == 1:
+        overall = result.mean_abs_per_feature()
+        order = overall.argsort(descending=True)[:10].tolist()
+        run.table("features with the largest mean |attribution|", ["feature", "mean |attribution|"],
+                  [[features[j], f"{float(overall[j]):.4g}"] for j in order], name="per_feature")
 
 
 def _target(target: str | None, labels: Any, run: Run) -> Any:

@@ -21,11 +21,6 @@ def _parse_list(text: str, kind: type, what: str) -> list[Any]:
     return items
 
 
-def _is_zoo(spec: str) -> bool:
-    """Whether ``spec`` names a zoo dataset (``zoo:NAME`` or a bare name that is not a path)."""
-    return spec.startswith("zoo:") or (not Path(spec).exists() and "." not in Path(spec).name and "/" not in spec)
-
-
 def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str = "audit") -> Path:
     """Save an audit into a run folder (result, figures, report section) and return the report's path."""
     from gradsense.results import RunFolder
@@ -58,9 +53,11 @@ def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str
 
 
 @analysis_command("audit", short_help="What a shared gradient reveals, and what defences cost.", split="train",
-                  data_help="the data the clients hold: a zoo dataset (photos, digits), a tensor file, a .csv with "
-                            "--label-column or an image folder.",
-                  n_help="examples the audited batches are drawn from (the first N; default all).")
+                  n=None, n_help="number of client examples the audited batches are drawn from (the first N).",
+                  data_help="the data the clients hold: zoo:NAME (photos, digits; a bare name works), a tensor file, "
+                            "a .csv or an image folder; --split picks the zoo split the batches come from.")
+@click.option("--heldout", "heldout_spec", default=None, metavar="SPEC",
+              help="held-out data for the accuracy cost (default: the other split of zoo data).")
 @click.option("--attacks", default="idlg,dlg,inverting", show_default=True,
               help="comma-separated: idlg, dlg, inverting, analytic.")
 @click.option("--defenses", default="none,prune,dp,int8,local", show_default=True,
@@ -70,16 +67,14 @@ def write_audit(res: Any, out: str | Path, *, title: str, text: str, source: str
 @click.option("--steps", default=None, type=int, help="Adam steps of the inverting attack (default 1000).")
 @click.option("--dlg-steps", default=None, type=int, help="L-BFGS iterations of the DLG attack (default 100).")
 @click.option("--restarts", default=None, type=int, help="random restarts of the inverting attack (default 1).")
-@click.option("--heldout", "heldout_spec", default=None, metavar="DATA",
-              help="held-out data for the accuracy cost (default: the other split of a zoo dataset).")
 @click.option("--n-heldout", default=256, show_default=True, type=int,
               help="held-out examples for the accuracy cost; 0 skips the fine-tunes.")
 @click.option("--finetune-steps", default=50, show_default=True, type=int, help="rounds of the accuracy fine-tune.")
 @click.option("--untrained", is_flag=True, help="attack a freshly initialised copy of the architecture (as DLG and "
               "Inverting Gradients do) instead of the trained weights.")
-def audit_cmd(run: Run, attacks: str, defenses: str, batch_sizes: str, n_batches: int, steps: int | None,
-              dlg_steps: int | None, restarts: int | None, heldout_spec: str | None, n_heldout: int,
-              finetune_steps: int, untrained: bool) -> None:
+def audit_cmd(run: Run, heldout_spec: str | None, attacks: str, defenses: str, batch_sizes: str, n_batches: int,
+              steps: int | None, dlg_steps: int | None, restarts: int | None, n_heldout: int, finetune_steps: int,
+              untrained: bool) -> None:
     """What can a server reconstruct from the gradients clients share, and what does each defence cost?
 
     Runs every attack on every defence's shared message for batches of every size, scores the reconstructions
@@ -89,19 +84,13 @@ def audit_cmd(run: Run, attacks: str, defenses: str, batch_sizes: str, n_batches
     \b
     Examples:
       gradsense audit --model zoo:photos-lenet --data photos --out runs/audit
-      gradsense audit --model zoo:photos-cnn --data photos \\
-          --attacks idlg,inverting --defenses none,dp:0.1 --batch-sizes 1,8
-      gradsense audit --model zoo:photos-lenet --data photos --untrained \\
-          --steps 300 --dlg-steps 20
-      gradsense audit --model my.py:build --weights w.pt --data imgs/ \\
-          --input-shape 3,32,32 --heldout val_imgs/
+      gradsense audit --model zoo:photos-cnn --data photos --attacks idlg,inverting --defenses none,dp:0.1 --batch-sizes 1,8
+      gradsense audit --model zoo:photos-lenet --data photos --untrained --steps 300 --dlg-steps 20
     """
     import torch
 
     import gradsense as gs
 
-    seed, out, split = run.seed, run.out, str(run.options.get("split") or "train")
-    model_spec = run.model_spec
     for value, flag in ((n_batches, "--n-batches"), (finetune_steps, "--finetune-steps")):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
@@ -112,34 +101,29 @@ def audit_cmd(run: Run, attacks: str, defenses: str, batch_sizes: str, n_batches
     defense_list = _parse_list(defenses, str, "--defenses")
     for d in defense_list:
         gs.privacy.parse_defense(d)
-    from gradsense.core.checks import suggest
-
-    for a in attack_list:  # every name checked before anything is loaded
-        if a not in gs.privacy.ATTACKS:
-            raise ValueError(f"unknown attack {a!r} in --attacks; choose from {sorted(gs.privacy.ATTACKS)}."
-                             f"{suggest(a, gs.privacy.ATTACKS)}")
+    model = run.model()
+    seed, split = run.seed, str(run.options.get("split") or "train")
     spec = run.data_spec()
     if spec is None:
-        raise ValueError("`gradsense audit` needs --data SPEC: the data the clients hold (a zoo dataset such as "
-                         "photos, a tensor file, a .csv or an image folder).")
-    model = run.model()
+        raise ValueError("`gradsense audit` needs --data SPEC (the data the clients hold).")
+    loaded = run.data(split=split, labels=True)
+    data = (loaded.inputs, loaded.labels)
+    heldout = None
+    if n_heldout:
+        other = "test" if split == "train" else "train"
+        if heldout_spec is not None:
+            held = run.data(spec=heldout_spec, split=other, n=n_heldout, labels=True)
+        elif spec.startswith("zoo:") or not any(c in spec for c in "./"):
+            held = run.data(spec=spec, split=other, n=n_heldout, labels=True)
+        else:
+            raise ValueError(f"{spec} has no other split: give --heldout SPEC for the accuracy cost, or --n-heldout 0.")
+        heldout = (held.inputs, held.labels)
     if untrained:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             for m in model.modules():
                 if hasattr(m, "reset_parameters"):
                     m.reset_parameters()
-    clients = run.data(spec=spec, split=split, n=run.options.get("n"), labels=True, model=model)
-    data, data_name = clients.pair(), clients.name
-    heldout = None
-    if n_heldout:
-        other = "test" if split == "train" else "train"
-        if heldout_spec is not None:
-            heldout = run.data(spec=heldout_spec, split=other, n=n_heldout, labels=True, model=model).pair()
-        elif _is_zoo(spec):
-            heldout = run.data(spec=spec, split=other, n=n_heldout, labels=True, model=model).pair()
-        else:
-            run.note(f"no --heldout data for {spec}: the accuracy cost of the defences is not measured.")
     options: dict[str, dict[str, Any]] = {}
     if steps is not None:
         options["inverting"] = {"steps": steps}
@@ -147,28 +131,28 @@ def audit_cmd(run: Run, attacks: str, defenses: str, batch_sizes: str, n_batches
         options.setdefault("inverting", {})["restarts"] = restarts
     if dlg_steps is not None:
         options["dlg"] = {"steps": dlg_steps}
-    name = model_spec + (" (untrained)" if untrained else "")
-    n_cells = len(attack_list) * len(defense_list) * len(sizes) * n_batches
-    with run.stage(f"{n_cells} attacks ({', '.join(attack_list)}) on {len(defense_list)} defence(s), batch sizes "
-                   f"{', '.join(map(str, sizes))}"):
-        res = gs.privacy.audit(model, run.loss(), data, attacks=attack_list, defenses=defense_list, batch_sizes=sizes,
-                               n_batches=n_batches, heldout=heldout, attack_options=options,
-                               finetune_steps=finetune_steps, seed=seed, name=name, show_progress=False)
-    run.add("privacy-audit", res)
+    name = run.model_spec + (" (untrained)" if untrained else "")
+    data_name = spec[4:] if spec.startswith("zoo:") else spec
+    with run.stage("attacks and defences"):
+        res = gs.privacy.audit(model, run.loss(), data, attacks=attack_list, defenses=defense_list,
+                               batch_sizes=sizes, n_batches=n_batches, heldout=heldout, attack_options=options,
+                               finetune_steps=finetune_steps, seed=seed, name=name)
     header, rows = res.table()
-    run.table(f"What {name} leaks: {data_name}, {n_batches} batch(es) per size", header, rows, name="leaks")
+    run.table(f"What {name} leaks: {data_name} ({split}), {n_batches} batch(es) per size", header, rows,
+              name="leakage")
     run.note("cells: mean / worst case (the most revealing image, or batch for labels)")
     costs = res.cost_table()
     if costs is not None:
-        n_held = heldout[0].shape[0] if heldout is not None else 0
-        run.table(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_held} held-out examples", *costs,
-                  name="accuracy-cost")
+        run.table(f"Accuracy cost: {finetune_steps}-round fine-tune, {n_heldout} held-out examples", *costs,
+                  name="cost")
         run.note("cost in percentage points against no defence; ε at delta 1e-5 (RDP)")
     run.note("PSNR below ~20 dB: a photo is not recognisable; labels can leak even when images do not.")
-    if out:
-        path = write_audit(res, out, title=f"gradsense audit: {name} on {data_name}", text=(
-            f"Every attack on what a client shares under every defence, for batches of {', '.join(map(str, sizes))} "
-            f"{data_name} examples ({n_batches} per size). PSNR/SSIM compare each original with its best-matched "
-            "reconstruction; label accuracy counts the recovered labels as a multiset. Below ~20 dB a photo is not "
-            "recognisable; labels leak even when images do not."))
+    run.add("privacy-audit", res)
+    if run.out:
+        with run.stage("writing the run folder"):
+            path = write_audit(res, run.out, title=f"gradsense audit: {name} on {data_name}", text=(
+                f"Every attack on what a client shares under every defence, for batches of "
+                f"{', '.join(map(str, sizes))} {data_name} examples ({n_batches} per size). PSNR/SSIM compare each "
+                "original with its best-matched reconstruction; label accuracy counts the recovered labels as a "
+                "multiset. Below ~20 dB a photo is not recognisable; labels leak even when images do not."))
         run.wrote(path)

@@ -7,7 +7,8 @@
 - the data: ``--data SPEC`` (alias ``--dataset``; ``zoo:NAME``, tensors, ``.csv``, an image folder, text), ``--split``,
   ``--n``, and how to read it: ``--inputs-key``, ``--labels-key``, ``--label-column``, ``--text-key``,
   ``--input-shape C,H,W``, ``--normalize MEAN,STD``;
-- the run: ``--loss``, ``--device``, ``--batch-size``, ``--max-memory``, ``--seed``, ``--out DIR``, ``--json``;
+- the run: ``--loss``, ``--device``, ``--batch-size``, ``--max-memory``, ``--seed``, ``--out DIR``, ``--resume``
+  (continue the sharded run in ``--out``), ``--json``;
 
 collects them into a :class:`Run` handed to the command as its first argument, and turns every mistake into
 one ``error: ...`` line with exit code 2 (no traceback). A command reports through the run: ``run.stage()``
@@ -64,9 +65,24 @@ def _one_line(err: BaseException) -> str:
     return text
 
 
+def _rank_tag() -> str:
+    """``" (rank N)"`` on the ranks after the first under torchrun (read from its environment), else ``""``."""
+    rank, size = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {rank})" if size not in ("", "1") and rank not in ("", "0") else ""
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torch.distributed, or the only process (torch is not imported for this)."""
+    if "torch" not in sys.modules:
+        return True
+    from gradsense.core.distributed import is_main_process
+
+    return is_main_process()
+
+
 def fail(err: BaseException) -> None:
     """Print ``error: <one line>`` to stderr and exit with code 2."""
-    click.echo(f"error: {_one_line(err)}", err=True)
+    click.echo(f"error{_rank_tag()}: {_one_line(err)}", err=True)
     sys.exit(2)
 
 
@@ -88,8 +104,8 @@ def friendly_errors(fn: F) -> F:
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as err:  # an internal error: still one line, and how to see more
-            click.echo(f"error: internal error {type(err).__name__}: {_one_line(err)} (set GRADSENSE_TRACEBACK=1 "
-                       "for the traceback, and please report it)", err=True)
+            click.echo(f"error{_rank_tag()}: internal error {type(err).__name__}: {_one_line(err)} (set "
+                       "GRADSENSE_TRACEBACK=1 for the traceback, and please report it)", err=True)
             sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
@@ -140,7 +156,8 @@ def one_line_warnings() -> Iterator[None]:
     import warnings
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        click.echo(f"warning: {' '.join(str(message).split())}", err=True)
+        if _is_main_process():  # under torchrun the other ranks would repeat rank 0's warnings
+            click.echo(f"warning: {' '.join(str(message).split())}", err=True)
 
     with warnings.catch_warnings():
         warnings.showwarning = show
@@ -338,7 +355,7 @@ class Run:
         self.options = options
         self.out: Path | None = Path(options["out"]) if options.get("out") else None
         self.json = bool(options.get("json"))
-        # a later --resume flag sets this; commands that can resume read it (the shared options stay one set)
+        # --resume: commands that write shards continue the run in --out (the shared options stay one set)
         self.resume = bool(options.get("resume", False))
         self._t0 = time.perf_counter()
         self._tty = sys.stderr.isatty()
@@ -349,8 +366,10 @@ class Run:
         self._folder: Any = None
         from rich.console import Console
 
+        # under torchrun only rank 0 prints (tables, progress, --json) and writes (the write functions check the rank)
+        self.quiet = not _is_main_process()
         # stdout, sized when the run starts: the terminal's width, else COLUMNS, else 80 (piped output)
-        self.console = Console(highlight=False)
+        self.console = Console(highlight=False, quiet=self.quiet)
 
     # ----------------------------------------------------------------------------- settings
     @property
@@ -396,7 +415,7 @@ class Run:
     @contextlib.contextmanager
     def stage(self, text: str) -> Iterator[None]:
         """Report a stage of the run: a spinner with elapsed time on a terminal, one line on stderr otherwise."""
-        if not _progress_enabled():
+        if not _progress_enabled() or self.quiet:
             yield
             return
         if not self._tty:
@@ -413,6 +432,21 @@ class Run:
             bar.add_task(f"{self.command}: {text}", total=None)
             yield
         err.print(f"[green]✓[/] {self.command}: {_escape(text)} [dim]({time.perf_counter() - t0:.1f} s)[/]")
+
+    @contextlib.contextmanager
+    def long_stage(self, text: str) -> Iterator[bool]:
+        """A stage that reports its own progress: on a terminal it yields ``True`` and the caller shows its progress
+        bar with an ETA (no spinner beside it); otherwise one line on stderr, and it yields ``False``."""
+        if self._tty and _progress_enabled():
+            t0 = time.perf_counter()
+            yield True
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[green]✓[/] {self.command}: {_escape(text)} "
+                                       f"[dim]({time.perf_counter() - t0:.1f} s)[/]")
+            return
+        with self.stage(text):
+            yield False
 
     # ----------------------------------------------------------------------------- loading
     def model(self) -> Any:
@@ -588,7 +622,9 @@ class Run:
             self.console.print(f"wrote {_escape(str(path))}")
 
     def finish(self) -> None:
-        """Print the ``--json`` document (stdout) and the total time (stderr)."""
+        """Print the ``--json`` document (stdout) and the total time (stderr); nothing on ranks after the first."""
+        if self.quiet:
+            return
         if _progress_enabled() and not self._tty:
             click.echo(f"[{time.perf_counter() - self._t0:6.1f}s] {self.command}: done", err=True)
         if self.json:
@@ -645,7 +681,7 @@ def _check_options(opts: dict[str, Any]) -> None:
 
 
 _SHARED = ("model", "weights", "data", "split", "n", "inputs_key", "labels_key", "label_column", "text_key",
-           "input_shape", "normalize", "loss", "device", "batch_size", "max_memory", "seed", "out", "json")
+           "input_shape", "normalize", "loss", "device", "batch_size", "max_memory", "seed", "out", "resume", "json")
 
 
 def analysis_command(
@@ -659,6 +695,7 @@ def analysis_command(
                      "(.txt/.jsonl); a bare zoo name works too.",
     n_help: str = "number of examples (the first N).",
     short_help: str | None = None,
+    resumable: bool = False,
 ) -> Callable[[F], click.Command]:
     """The one decorator of every analysis command: adds the shared options, builds a :class:`Run`, and makes
     every mistake one ``error:`` line with exit code 2.
@@ -675,6 +712,7 @@ def analysis_command(
         data_help: Help of ``--data``.
         n_help: Help of ``--n``.
         short_help: The line in ``gradsense --help`` (at most ~60 characters, so it is never cut).
+        resumable: Whether the command writes resumable shards (else ``--resume`` is refused, never ignored).
     """
 
     def decorate(fn: F) -> click.Command:
@@ -682,6 +720,10 @@ def analysis_command(
         @friendly_errors
         def body(**kwargs: Any) -> None:
             shared = {k: kwargs.pop(k) for k in list(kwargs) if k in _SHARED}
+            if shared.get("resume") and not resumable:
+                raise ValueError(f"`gradsense {name}` writes no shards, so there is nothing to resume; drop --resume.")
+            if shared.get("resume") and not shared.get("out"):
+                raise ValueError("--resume needs --out DIR (the run folder to continue).")
             _check_options(shared)
             run = Run(name, shared)
             with one_line_warnings():
@@ -719,11 +761,13 @@ def analysis_command(
                                   "memory)."),
                 click.option("--seed", default=0, show_default=True, type=int, help="seed of every random draw."),
             ]
-        # the run folder: where a later --resume flag belongs (add it here and "resume" to _SHARED; Run.resume
-        # already reads it), so every command gets it the same way
+        # the run folder, and --resume to continue a run written there (Run.resume), the same for every command
         options += [
             click.option("--out", default=None, type=click.Path(file_okay=False), metavar="DIR",
                          help="run folder to write (results, figures, report.html)."),
+            click.option("--resume", is_flag=True,
+                         help="continue the run in --out after a crash or kill: finished shards are kept, the rest "
+                              "computed (same settings needed; bitwise the uninterrupted result)."),
             click.option("--json", "json", is_flag=True,
                          help="print one JSON document with every number (and nothing else) on stdout."),
         ]

@@ -14,10 +14,13 @@ def _fmt(x: float, digits: int = 5) -> str:
 
 
 def _tables(run: Run, eigs: Any, trace: Any, density: Any) -> None:
-    rows = [[str(i + 1), _fmt(float(v), 7), _fmt(float(r), 2), "yes" if bool(ok) else "no"]
-            for i, (v, r, ok) in enumerate(zip(eigs.eigenvalues, eigs.residuals, eigs.tensors["pair_converged"]))]
-    run.table("Hessian eigenvalues (Lanczos)", ["#", "eigenvalue", "residual ||Hv - lv||", "converged"], rows,
-              name="eigenvalues")
+    rel = eigs.relative_errors
+    rel = [float("nan")] * eigs.eigenvalues.numel() if rel is None else rel.tolist()
+    rows = [[str(i + 1), _fmt(float(v), 7), _fmt(float(r), 2), _fmt(e, 2), "yes" if bool(ok) else "no"]
+            for i, (v, r, e, ok) in enumerate(zip(eigs.eigenvalues, eigs.residuals, rel,
+                                                  eigs.tensors["pair_converged"]))]
+    run.table("Hessian eigenvalues (Lanczos)", ["#", "eigenvalue", "residual ||Hv - lv||", "est. rel. error",
+                                                "converged"], rows, name="eigenvalues")
 
     n = max(int(trace.meta["numel"]), 1)
     probes = int(density.ritz_values.shape[0])
@@ -57,11 +60,15 @@ def _tables(run: Run, eigs: Any, trace: Any, density: Any) -> None:
 @click.option("--per", default=None, type=click.Choice(["layer", "block", "parameter"]),
               help="also per-group traces and top eigenvalues.")
 @click.option("--k", default=5, show_default=True, type=int, help="number of top eigenvalues.")
-@click.option("--tol", default=1e-3, show_default=True, type=float, help="relative Ritz-residual tolerance of Lanczos.")
+@click.option("--tol", default=1e-3, show_default=True, type=float,
+              help="relative tolerance of Lanczos, on the residual or the eigenvalue error (--criterion).")
+@click.option("--criterion", default="residual", show_default=True, type=click.Choice(["residual", "eigenvalue"]),
+              help="stop on the Ritz residual, or on the estimated eigenvalue error (fewer products).")
 @click.option("--rtol", default=0.01, show_default=True, type=float, help="relative standard error of the trace.")
 @click.option("--steps", default=80, show_default=True, type=int, help="Lanczos steps per probe of the density.")
 @click.option("--probes", default=4, show_default=True, type=int, help="probes of the density.")
-def hessian_cmd(run: Run, per: str | None, k: int, tol: float, rtol: float, steps: int, probes: int) -> None:
+def hessian_cmd(run: Run, per: str | None, k: int, tol: float, criterion: str, rtol: float, steps: int,
+                probes: int) -> None:
     """How sharp is the minimum, and where? Hessian eigenvalues, trace and density of the loss.
 
     Lanczos for the top-k eigenvalues (with residuals), Hutch++ for the trace (with a standard error),
@@ -87,7 +94,8 @@ def hessian_cmd(run: Run, per: str | None, k: int, tol: float, rtol: float, step
     name = run.model_spec
     where = f" per {per}" if per else ""
     with run.stage(f"top-{k} eigenvalues{where} (Lanczos) on {len(data)} examples"):
-        eigs = hessian_eigs(model, loss, pair, k=k, tol=tol, per=per, name=name, **run.engine_kwargs(hessian_eigs))
+        eigs = hessian_eigs(model, loss, pair, k=k, tol=tol, criterion=criterion, per=per, name=name,
+                            **run.engine_kwargs(hessian_eigs))
     with run.stage(f"trace{where} (Hutch++, rtol {rtol})"):
         trace = hessian_trace(model, loss, pair, rtol=rtol, per=per, name=name, **run.engine_kwargs(hessian_trace))
     with run.stage(f"spectral density (SLQ, {probes} probes x {steps} steps)"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from gradsense import __version__
@@ -63,8 +65,19 @@ cli.add_command(monitor_cmd)
 
 
 def main() -> None:
-    """Entry point of the console script (and of ``python -m gradsense``)."""
-    cli(prog_name="gradsense")
+    """Entry point of the console script (and of ``python -m gradsense``).
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) every rank joins the process group first (gloo
+    for CPU tensors, NCCL for CUDA ones) and leaves it at exit; the analyses share the data over the ranks
+    and only rank 0 prints and writes.
+    """
+    if os.environ.get("WORLD_SIZE", "1") in ("", "1"):  # one process: torch is not even imported for --help
+        cli(prog_name="gradsense")
+        return
+    from gradsense.core.distributed import process_group
+
+    with process_group():
+        cli(prog_name="gradsense")
 
 
 if __name__ == "__main__":

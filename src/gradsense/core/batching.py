@@ -187,9 +187,11 @@ def progress(
 ) -> Iterator[T]:
     """Iterate with a progress bar on stderr (rich), shown only on a TTY unless ``enabled=True``.
 
-    ``enabled=False`` or ``GRADSENSE_PROGRESS=0`` turns it off.
+    ``enabled=False`` or ``GRADSENSE_PROGRESS=0`` turns it off; under torch.distributed only rank 0 shows it.
     """
-    if not _progress_enabled(enabled):
+    from gradsense.core.distributed import is_main_process
+
+    if not _progress_enabled(enabled) or not is_main_process():
         yield from iterable
         return
     from rich.console import Console

@@ -593,17 +593,26 @@ def check_scalar_loss(value: Any) -> None:
         raise ValueError(f"loss_fn must return a floating-point scalar, got dtype {value.dtype}.")
 
 
-def draw_seed(seed: int | None) -> int:
+def draw_seed(seed: int | None, *, shared: bool = False) -> int:
     """The seed to use: ``seed`` itself, or one drawn from torch's global RNG when ``None``.
 
     Drawing from the global RNG keeps ``torch.manual_seed`` reproducibility, and the drawn seed is recorded
     in the result so that the run can be repeated exactly.
 
+    Args:
+        seed: An int, or ``None`` to draw one.
+        shared: The caller runs on every rank of a torch.distributed group at once (an analysis that reduces
+            over the ranks' shards of the data): a drawn seed is then rank 0's on every rank, so all ranks draw
+            the same probes, start vectors and directions. Every rank must make the call at the same point.
+
     Raises:
         TypeError: If ``seed`` is not an int or None.
     """
     if seed is None:
-        return int(torch.randint(0, 2**62, (1,)).item())
+        from gradsense.core.distributed import broadcast_seed
+
+        drawn = int(torch.randint(0, 2**62, (1,)).item())
+        return broadcast_seed(drawn) if shared else drawn
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}.")
     return seed

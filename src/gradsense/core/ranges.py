@@ -8,6 +8,7 @@ the same examples in every run. A ``DataLoader`` that shuffles has no reproducib
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 
 from gradsense.core.distributed import DataLike, num_examples
 
-__all__ = ["check_ordered", "take"]
+__all__ = ["check_ordered", "data_probe", "shard_seed", "take"]
 
 
 def check_ordered(data: DataLike, what: str = "data") -> int:
@@ -90,3 +91,28 @@ def take(data: DataLike, start: int, stop: int) -> tuple[Any, Tensor | None]:
             return out[0], out[1]
         return _collate([data[i] for i in range(start, stop)])
     raise TypeError(f"take: unsupported data type {type(data).__name__}.")
+
+
+def data_probe(data: DataLike, n: int) -> str:
+    """A short hash of the first, middle and last examples (inputs and labels) of ``data``.
+
+    Stored in a sharded run's config, so that resuming a run on other data of the same size is refused rather
+    than mixed into the finished shards.
+    """
+    h = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1}):
+        x, y = take(data, i, i + 1)
+        for t in (x, y):
+            if isinstance(t, Tensor):
+                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_seed(seed: int, index: int) -> int:
+    """The seed of shard ``index`` of a run seeded with ``seed``: a fixed function of both (SHA-256, 62 bits).
+
+    Every random draw of a shard (noise samples, random baselines, probes) takes this seed, so a shard
+    recomputed after a crash draws exactly what it drew the first time, whichever process computes it.
+    """
+    digest = hashlib.sha256(f"gradsense-shard:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2

@@ -5,6 +5,8 @@
   with the top-k eigenspace (Gur-Ari, Roberts & Dyer 2018).
 - :func:`hessian_trace`: adaptive Hutch++ (Meyer, Musco, Musco & Woodruff 2021) or Hutchinson, stopping on
   the standard error; per-layer traces ``Tr(H_l)`` (HAWQ-V2, Dong et al. 2020).
+- :func:`trace_samples`: Hutchinson samples from a fixed number of probes, in resumable shards (``out=``,
+  ``resume=True``).
 - :func:`spectral_density`: stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao
   2019), Gaussian-broadened.
 - :func:`operator`: the Hessian, Gauss-Newton or empirical Fisher as a linear operator (``matvec``,
@@ -36,6 +38,7 @@ from gradsense.curvature.lanczos import (
     lanczos_eigs,
     lanczos_quadrature,
 )
+from gradsense.curvature.samples import trace_samples
 from gradsense.curvature.trace import hessian_trace
 from gradsense.results.curvature import DensityResult, EigenResult, TraceResult
 
@@ -58,4 +61,5 @@ __all__ = [
     "operator",
     "parameter_groups",
     "spectral_density",
+    "trace_samples",
 ]

@@ -138,7 +138,7 @@ def spectral_density(
         raise ValueError(f"grid_points must be >= 3, got {grid_points}.")
     if sigma is not None and not (isinstance(sigma, (int, float)) and sigma > 0 and math.isfinite(sigma)):
         raise ValueError(f"sigma must be a positive number or None, got {sigma!r}.")
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, shared=True)
     op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
     n = op.numel
     groups = parameter_groups(model, op.params, per)

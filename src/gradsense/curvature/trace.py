@@ -102,7 +102,7 @@ def hessian_trace(
     max_hvp = 2000 if max_hvp is None else max_hvp
     if isinstance(max_hvp, bool) or not isinstance(max_hvp, int) or max_hvp < 2:
         raise ValueError(f"max_hvp must be an int >= 2, got {max_hvp!r}.")
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, shared=True)
     op = operator(model, loss_fn, data, params=params, kind=kind, batch_size=batch_size)
     groups = parameter_groups(model, op.params, per)
     products = RowProducts(op, probe_batch=probe_batch, cache_graph=cache_graph)

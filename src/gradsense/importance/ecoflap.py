@@ -16,9 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from gradsense.core.batching import chunk_size_for, estimate_example_bytes
+from gradsense.core.distributed import all_reduce_sum
 from gradsense.core.zeroth import zeroth_order_grad
 from gradsense.importance.engine import Context, MethodOutput, aggregate
 from gradsense.importance.structures import UnitGroup, layer_of
@@ -44,7 +46,8 @@ def ecoflap(ctx: Context, granularity: str, groups: list[UnitGroup], *, probes: 
     """ECoFLaP coarse-to-fine importance (see the module docstring)."""
     batches = ctx.batches()
     fm, loss_fn = ctx.fm, ctx.loss_fn
-    total = float(sum(x.shape[0] for x, _ in batches))
+    # the mean over all ranks' examples: each rank's mean_loss is its share, so the estimates add up over ranks
+    total = float(all_reduce_sum(torch.tensor(float(sum(x.shape[0] for x, _ in batches)), dtype=torch.float64)))
 
     def mean_loss(p: dict[str, Tensor]) -> Tensor:
         acc = None
@@ -62,7 +65,8 @@ def ecoflap(ctx: Context, granularity: str, groups: list[UnitGroup], *, probes: 
     chunk = chunk_size_for(per_probe, max_memory=ctx.max_memory, total=probes, device=x0.device)
     est = zeroth_order_grad(mean_loss, ctx.params, probes=probes, mu=mu, seed=int(seed), chunk_size=chunk)
     ctx.n_forward_batches += est.n_forward * len(batches)
-    global_scores = {k: (est.grad[k] * w).abs() for k, w in ctx.params.items()}
+    zo_grad = {k: all_reduce_sum(est.grad[k].clone()) for k in ctx.params}
+    global_scores = {k: (zo_grad[k] * w).abs() for k, w in ctx.params.items()}
     tensors = {f"zo_importance/{k}": v.sum().reshape(()) for k, v in global_scores.items()}
     meta = {"probes": probes, "mu": mu, "lam": lam, "n_forward": est.n_forward, "layer_allocation": "ecoflap"}
     if granularity == "layer":

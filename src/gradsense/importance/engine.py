@@ -136,7 +136,8 @@ class Context:
 
     @property
     def n_examples(self) -> int:
-        return sum(int(x.shape[0]) for x, _ in self.batches())
+        """Calibration examples over all ranks (a collective under torch.distributed: every rank reads it)."""
+        return int(self._total(float(sum(int(x.shape[0]) for x, _ in self.batches()))))
 
     def _total(self, seen: float) -> float:
         return float(all_reduce_sum(torch.tensor(seen, dtype=torch.float64)))

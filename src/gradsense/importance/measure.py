@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.func import grad
 
 from gradsense.core.checks import check_eval_mode, check_loss_batch
-from gradsense.core.distributed import DataLike, all_reduce_sum, iterate
+from gradsense.core.distributed import DataLike, all_gather_cat, all_reduce_sum, iterate
 from gradsense.core.functional import check_model, functional, model_fingerprint, preserve_model
 from gradsense.core.hvp import hvp
 from gradsense.importance.apply import as_change, new_values
@@ -116,6 +116,10 @@ class Measurer:
                 if self.metric_arg is not None:
                     outs.append(out.detach() if isinstance(out, Tensor) else out)
                     labels.append(y)
+        if self.metric_arg is not None and outs and all(isinstance(o, Tensor) for o in outs) and \
+                all(isinstance(t, Tensor) for t in labels):
+            # the metric sees every rank's outputs and labels (in rank order) under torch.distributed
+            outs, labels = [all_gather_cat(torch.cat(outs))], [all_gather_cat(torch.cat(labels))]
         if self.metric_arg == "auto" and outs:
             metric = _auto_metric(outs[0], labels[0])
         value = None
@@ -135,7 +139,8 @@ class Measurer:
                 for k in acc:
                     acc[k].add_(g[k].detach(), alpha=float(x.shape[0]))
                 seen += x.shape[0]
-            self._grad = {k: v / seen for k, v in acc.items()}
+            total = float(all_reduce_sum(torch.tensor(seen, dtype=torch.float64)))  # all ranks' examples
+            self._grad = {k: all_reduce_sum(v) / total for k, v in acc.items()}
         return self._grad
 
     def _curvature(self, fm: Any, delta: dict[str, Tensor]) -> float:
@@ -146,7 +151,8 @@ class Measurer:
             hv = hvp(lambda p, x=x, y=y: self.loss_fn(fm(p, x), y), fm.params, full)
             acc += float(sum((hv[k] * full[k]).sum() for k in full)) * x.shape[0]
             seen += x.shape[0]
-        return acc / seen
+        both = all_reduce_sum(torch.tensor([acc, seen], dtype=torch.float64))  # all ranks' sums
+        return float(both[0] / both[1])
 
     def __call__(self, change: Any, *, state: str | None = None) -> dict[str, Any]:
         """Measure and predict the effect of ``change`` (masks or bit widths).

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from gradsense.core.distributed import all_reduce_sum
 from gradsense.core.zeroth import vmap_failure
 from gradsense.importance.bits import check_bits, quantize
 from gradsense.importance.engine import Context, MethodOutput, aggregate
@@ -75,6 +76,8 @@ def pqi(ctx: Context, granularity: str, groups: list[UnitGroup], *, bits: int = 
             acc[k].add_(g[k].detach(), alpha=float(x.shape[0]))
         seen += x.shape[0]
         ctx.n_grad_batches += steps + 1
+    seen = float(all_reduce_sum(torch.tensor(seen, dtype=torch.float64)))  # all ranks' examples and sums
+    acc = {k: all_reduce_sum(v) for k, v in acc.items()}
     integral = {k: torch.einsum("s,s...->...", c.to(v.dtype), v / seen) for k, v in acc.items()}
     g0 = {k: v[0] / seen for k, v in acc.items()}
     el = {k: (delta[k] * integral[k]).abs() for k in params}

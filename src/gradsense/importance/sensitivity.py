@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradsense.core.distributed import all_reduce_sum
 from gradsense.importance.engine import Context, MethodOutput
 from gradsense.importance.structures import UnitGroup, layer_of
 
@@ -98,7 +99,8 @@ def serene(ctx: Context, granularity: str, groups: list[UnitGroup], **_: Any) ->
             sums[name] = contrib if sums[name] is None else sums[name] + contrib
         seen += n
         ctx.n_grad_batches += k
-    sens = {name: v / seen for name, v in sums.items()}
+    total_seen = float(all_reduce_sum(torch.tensor(seen, dtype=torch.float64)))  # all ranks' examples
+    sens = {name: all_reduce_sum(v) / total_seen for name, v in sums.items()}
     if granularity == "layer":
         return MethodOutput({name: v.sum() for name, v in sens.items()}, meta={"neurons": {n: int(v.numel()) for n, v in sens.items()}})
     return MethodOutput(sens)

@@ -14,7 +14,6 @@ Two engines compute the per-example gradients:
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -53,10 +52,10 @@ from gradsense.core.functional import (
 from gradsense.core.grad import per_example_grads
 from gradsense.core.layergrads import Layer, LayerIO, check_mean_loss, find_layers, layer_io, shared_layers
 from gradsense.core.projection import KroneckerProjection, RandomProjection, split_dim
-from gradsense.core.ranges import check_ordered, take
+from gradsense.core.ranges import check_ordered, data_probe, take
 from gradsense.influence.checkpoints import Checkpoint, model_at, resolve_checkpoints
 from gradsense.results.influence import GradientFeatures
-from gradsense.results.shards import MANIFEST, ShardStore, is_shard_store
+from gradsense.results.shards import ShardStore, previous_run
 
 __all__ = ["FeatureMap", "FeaturePlan", "StreamedFeatures", "features", "margin_loss"]
 
@@ -284,16 +283,6 @@ def _state_hash(ckpt: Checkpoint, model: nn.Module) -> str:
         t = ckpt.state[k].detach().to("cpu").contiguous().reshape(-1)
         h.update(k.encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def data_probe(data: Any, n: int) -> str:
-    h = hashlib.sha256()
-    for i in sorted({0, n // 2, n - 1}):
-        x, y = take(data, i, i + 1)
-        for t in (x, y):
-            if isinstance(t, Tensor):
-                h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -544,10 +533,8 @@ class StreamedFeatures:
 
 
 def _resumed_sizes(out: str | Path | None, resume: bool) -> tuple[int, int] | None:
-    if out is None or not resume or not is_shard_store(out):
-        return None
+    old = previous_run(out, resume)
     try:
-        old = json.loads((Path(out) / MANIFEST).read_text(encoding="utf-8"))
-        return int(old["config"]["chunk_size"]), int(old["shard_rows"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return None if old is None else (int(old["config"]["chunk_size"]), int(old["shard_rows"]))
+    except (KeyError, TypeError, ValueError):
         return None

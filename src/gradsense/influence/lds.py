@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from gradsense.core.batching import progress
 from gradsense.core.checks import check_positive_int
-from gradsense.core.ranges import check_ordered, take
-from gradsense.influence.features import data_probe, example_losses
+from gradsense.core.ranges import check_ordered, data_probe, take
+from gradsense.influence.features import example_losses
 from gradsense.results.influence import InfluenceResult, LDSResult, RetrainingResult
 from gradsense.results.shards import ShardStore
 

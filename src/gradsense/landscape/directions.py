@@ -127,7 +127,8 @@ def random_directions(
         include_bias_bn: Also move parameters with at most one dimension (biases, BatchNorm); default
             zero there, as in the paper.
         params: Which parameters the directions span (see :data:`~gradsense.core.functional.ParamSpec`).
-        seed: Random seed; ``None`` draws one from torch's global RNG.
+        seed: Random seed; ``None`` draws one from torch's global RNG (of this rank: under torch.distributed,
+            pass a seed so that every rank draws the same directions).
 
     Returns:
         A list of ``n`` direction dicts ``{name: tensor}`` on the parameters' devices and dtypes.

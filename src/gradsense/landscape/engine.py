@@ -129,7 +129,8 @@ class LossEvaluator:
         self.fm = functional(model, params)  # buffers are copies: a train-mode BatchNorm never moves the caller's
         self.batches = list(iterate(data, batch_size=batch_size))
         self._check_first_batch()
-        self.n_examples = sum(int(x.shape[0]) for x, _ in self.batches)
+        local = torch.tensor(float(sum(int(x.shape[0]) for x, _ in self.batches)), dtype=torch.float64)
+        self.n_examples = int(all_reduce_sum(local))  # over all ranks under torch.distributed
         self._has_accuracy: bool | None = None
         self._bytes_per_example: int | None = None
         self._vmap_failed: str | None = None

@@ -174,7 +174,7 @@ def sharpness(
         steps = DEFAULT_STEPS[kind] if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}.")
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, shared=True)
     ev = LossEvaluator(model, loss_fn, data, params=params, batch_size=batch_size, what="sharpness")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     w = flatten(ev.params).detach()

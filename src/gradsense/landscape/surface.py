@@ -208,7 +208,7 @@ def loss_surface(
     span = _check_positive(span, "span")
     if dims not in (1, 2) or isinstance(dims, bool):
         raise ValueError(f"dims must be 1 or 2, got {dims!r}.")
-    seed = draw_seed(seed)
+    seed = draw_seed(seed, shared=True)
     ev = LossEvaluator(model, loss_fn, data, params=params, batch_size=batch_size,
                        allow_train_mode=allow_train_mode, seed=seed, what="loss_surface")
     reference = ev.params

@@ -11,9 +11,9 @@ from gradsense.results.base import (
 
 __all__ = ["Result", "ResultFileError", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
 
-from gradsense.results.attribution import AttributionResult
+from gradsense.results.attribution import AttributionResult, DatasetAttribution
 
-__all__ += ["AttributionResult"]
+__all__ += ["AttributionResult", "DatasetAttribution"]
 
 from gradsense.results.run import RunFolder  # noqa: E402
 

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from gradsense.core.checks import check_out_dir
+from gradsense.core.distributed import is_main_process
 
 __all__ = ["Result", "ResultFileError", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
 
@@ -76,9 +77,12 @@ def _umask_mode() -> int:
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
 
-    A reader never sees a half-written file, and an interrupted write leaves the old file intact.
+    A reader never sees a half-written file, and an interrupted write leaves the old file intact. Under
+    torch.distributed only rank 0 writes; the other ranks return ``path`` without touching the disk.
     """
     path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -225,6 +229,9 @@ class Result:
         Args:
             directory: Folder to write into (created if needed). An earlier result there is replaced.
 
+        Under torch.distributed only rank 0 writes (the other ranks return the folder at once, without waiting
+        for rank 0: call ``torch.distributed.barrier()`` before they read it).
+
         Returns:
             The folder as a ``Path``.
 
@@ -233,6 +240,8 @@ class Result:
             RuntimeError: safetensors refuses the tensors, e.g. two that share memory (nothing is written).
         """
         directory = check_out_dir(directory, "directory")
+        if not is_main_process():
+            return directory
         save_id = uuid.uuid4().hex
         meta = dict(self.meta)
         meta.setdefault("type", type(self).__name__)
@@ -299,6 +308,13 @@ class Result:
         """
         directory = Path(directory)
         meta_path, tensor_path = directory / META_FILE, directory / TENSORS_FILE
+        if meta_path.is_file() and not tensor_path.is_file():
+            from gradsense.results.shards import is_shard_store
+
+            if is_shard_store(directory):  # a sharded result (its tensors are the shards): its type opens it
+                klass = _REGISTRY.get(str(_read_meta(directory).get("type")), cls)
+                if getattr(klass.load, "__func__", None) is not Result.load.__func__:  # type: ignore[attr-defined]
+                    return klass.load(directory)
         for p in (meta_path, tensor_path):
             if not p.is_file():
                 raise ResultFileMissing(

@@ -47,10 +47,12 @@ class EigenResult(_Groups, Result):
     """Extreme eigenpairs of the loss Hessian (or GGN/Fisher) from Lanczos.
 
     Tensors: ``eigenvalues`` ``(k,)`` (or ``(2k,)`` for ``which="both"``: largest first, descending, then
-    smallest, ascending), ``residuals`` (``||H v - lambda v||`` per pair), ``pair_converged``, optionally
+    smallest, ascending), ``residuals`` (``||H v - lambda v||`` per pair), ``errors`` (estimated eigenvalue
+    error ``|theta - lambda|`` per pair, ``min(r, r^2 / gap)``; absent in results saved before it existed),
+    ``pair_converged``, optionally
     ``eigenvectors`` (``(k, n)`` flat rows in ``meta['param_names']`` order), ``gradient_overlap``
     (cumulative ``||P_i g||^2 / ||g||^2``), and with groups ``group_eigenvalues`` ``(G, k_g)`` (NaN-padded),
-    ``group_residuals``, ``group_converged``, ``group_numel``, ``group_gradient_overlap``.
+    ``group_residuals``, ``group_errors``, ``group_converged``, ``group_numel``, ``group_gradient_overlap``.
     """
 
     kind = "curvature"
@@ -68,8 +70,20 @@ class EigenResult(_Groups, Result):
         return self.tensors["residuals"]
 
     @property
+    def errors(self) -> Tensor | None:
+        """Estimated absolute eigenvalue error ``|theta - lambda|`` of each pair (``min(r, r^2 / gap)``, the gap
+        from the Ritz values), or ``None`` for results saved without it."""
+        return self.tensors.get("errors")
+
+    @property
+    def relative_errors(self) -> Tensor | None:
+        """:attr:`errors` relative to ``|eigenvalue|`` (``inf`` for an eigenvalue of exactly 0)."""
+        err = self.errors
+        return None if err is None else err / self.eigenvalues.abs()
+
+    @property
     def converged(self) -> bool:
-        """Whether every pair (and every group) met the tolerance."""
+        """Whether every pair (and every group) met the tolerance and is confirmed among the ``k`` extreme ones."""
         ok = bool(self.tensors["pair_converged"].all())
         if "group_converged" in self.tensors:
             ok = ok and bool(self.tensors["group_converged"].all())
@@ -123,16 +137,32 @@ class EigenResult(_Groups, Result):
         vals = ", ".join(_fmt(float(v), 6) for v in self.eigenvalues)
         rows.insert(1, ("eigenvalues", vals))
         rows.insert(2, ("residuals", ", ".join(_fmt(float(r), 2) for r in self.residuals)))
-        rows.insert(3, ("converged", str(self.converged)))
-        rows.insert(4, ("Hessian-vector products", str(self.n_hvp)))
+        at = 3
+        if self.errors is not None:
+            crit = self.meta.get("settings", {}).get("criterion", "residual")
+            rows.insert(at, ("estimated eigenvalue errors (relative)",
+                             ", ".join(_fmt(float(e), 2) for e in self.relative_errors) + f" ({crit} criterion)"))
+            at += 1
+        rows.insert(at, ("converged", str(self.converged)))
+        rows.insert(at + 1, ("Hessian-vector products", str(self.n_hvp)))
         if self.gradient_overlap is not None:
             end = "bottom" if self.meta.get("settings", {}).get("which") == "smallest" else "top"
-            rows.insert(5, (f"gradient in {end}-k eigenspace", f"{self.gradient_overlap:.1%}"))
+            rows.insert(at + 2, (f"gradient in {end}-k eigenspace", f"{self.gradient_overlap:.1%}"))
         if "loss" in self.meta:
             rows.append(("loss", _fmt(float(self.meta["loss"]), 5)))
         for g, v in self.group_eigenvalues.items():
             rows.append((f"top eigenvalue, {g}", _fmt(float(v[0]), 5) if v.numel() else "n/a"))
         return rows
+
+    def __repr__(self) -> str:
+        vals = ", ".join(_fmt(float(v), 6) for v in self.eigenvalues)
+        parts = [f"eigenvalues=[{vals}]"]
+        if self.errors is not None:
+            parts.append("relative_errors=[" + ", ".join(_fmt(float(e), 2) for e in self.relative_errors) + "]")
+        parts += [f"converged={self.converged}", f"n_hvp={self.n_hvp}"]
+        if self.groups:
+            parts.append(f"groups={len(self.groups)}")
+        return f"EigenResult({', '.join(parts)})"
 
     def plot(self, **kwargs: Any) -> Any:
         """Bar chart of the eigenvalues, followed by each group's first eigenvalue."""

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gradsense.core.distributed import is_main_process
 from gradsense.results.base import Result, atomic_write_bytes, atomic_write_text, versions
 
 __all__ = ["RunFolder"]
@@ -19,6 +20,9 @@ class RunFolder:
     Opening a folder that already has a manifest adds to it: results saved earlier stay listed, and a
     result saved again under the same name replaces its entry.
 
+    Under torch.distributed only rank 0 writes (the folder, results, figures, manifest); on the other ranks
+    every method returns as if it had.
+
     Args:
         path: The folder (created if missing).
 
@@ -28,7 +32,8 @@ class RunFolder:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if is_main_process():  # under torch.distributed rank 0 writes the folder, the other ranks nothing
+            self.path.mkdir(parents=True, exist_ok=True)
         self.entries: list[dict[str, Any]] = []
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         manifest = self.path / "manifest.json"

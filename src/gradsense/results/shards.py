@@ -52,7 +52,7 @@ from gradsense.core.batching import progress
 from gradsense.core.distributed import is_main_process, world
 from gradsense.results.base import atomic_write_bytes, atomic_write_text, versions
 
-__all__ = ["MANIFEST", "ShardStore", "is_shard_store"]
+__all__ = ["MANIFEST", "ShardStore", "is_shard_store", "previous_run"]
 
 MANIFEST = "shards.json"
 FORMAT = "gradsense-shards"
@@ -62,6 +62,22 @@ FORMAT_VERSION = 1
 def is_shard_store(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is a folder with a shard manifest."""
     return (Path(path) / MANIFEST).is_file()
+
+
+def previous_run(path: str | os.PathLike[str] | None, resume: bool) -> dict[str, Any] | None:
+    """The manifest of the run to be resumed in ``path`` (``None``: not resuming, or nothing there yet).
+
+    Lets a run inherit the sizes it was started with (rows per shard, chunk size) when the caller does not
+    give them again, so that ``resume=True`` alone continues the same run. An unreadable manifest gives
+    ``None`` here; opening the store names the problem.
+    """
+    if path is None or not resume or not is_shard_store(path):
+        return None
+    try:
+        old = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return old if isinstance(old, dict) and old.get("format") == FORMAT else None
 
 
 def _normalise(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,11 +277,13 @@ class ShardStore:
         self._barrier()
 
     def run(self, compute: Callable[[int, slice], Mapping[str, Tensor]], *, desc: str = "",
-            show_progress: bool | None = None) -> None:
+            show_progress: bool | None = None, collective: bool = False) -> None:
         """Compute and write every pending shard: ``compute(index, rows) -> {name: tensor}``.
 
         Completed shards are skipped. Under ``torch.distributed`` the pending shards are dealt to the ranks in
-        turn and rank 0 writes them all. A progress bar with an ETA shows on a TTY (``show_progress``).
+        turn and rank 0 writes them all; with ``collective=True`` every rank computes every shard together (a
+        computation that itself splits the data over the ranks and reduces, such as a Hessian-vector product
+        over a dataset) and rank 0 writes it. A progress bar with an ETA shows on a TTY (``show_progress``).
         """
         if is_main_process():
             self.path.mkdir(parents=True, exist_ok=True)
@@ -280,9 +298,14 @@ class ShardStore:
         label = desc or self.what
         if self.done:
             label = f"{label} (resuming: {len(self.done)}/{self.n_shards} shards done)"
-        if size == 1:
-            for i in progress(pending, total=len(pending), desc=label, enabled=show_progress):
+        if size == 1 or collective:
+            shown = show_progress if is_main_process() else False
+            for i in progress(pending, total=len(pending), desc=label, enabled=shown):
                 self.write(i, compute(i, self.rows(i)))
+                if not is_main_process():
+                    rows = self.rows(i)
+                    self.entries[i] = {"index": i, "start": rows.start, "stop": rows.stop}
+            self._barrier()
             return
         rounds = [pending[j:j + size] for j in range(0, len(pending), size)]
         for group in progress(rounds, total=len(rounds), desc=label, enabled=show_progress):

@@ -2,10 +2,8 @@
 
 Found trying it and fixed (each reproduced here):
 
-- ``gradsense influence`` and ``gradsense audit`` took only zoo names and ``.npz``/``.safetensors`` files, with none
-  of the shared options: ``--label-column`` was "No such option", a CSV or an image folder could not be used, and
-  ``--loss``/``--device``/``--batch-size``/``--json`` were missing. Both now read every data form through the
-  shared option set, and ``--json`` gives their numbers;
+- ``gradsense influence`` and ``gradsense audit`` took only zoo names and ``.npz``/``.safetensors`` files (both
+  are on the shared option set now; these tests run them on a user's CSV and tensor files against the API);
 - a CSV read without ``--label-column`` turned its ``label`` column into a feature, and the run then failed on the
   model's input width with nothing pointing at the cause: a warning now names the column and the option;
 - text data on a model without an embedding layer answered with the Python API's advice (``use gs.attribute(model,
@@ -120,17 +118,19 @@ def test_audit_reads_tensor_files_and_heldout_data(user):
                 "--n-heldout", "6", "--finetune-steps", "1", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert {t["name"] for t in doc["tables"]} == {"leaks", "accuracy-cost"}
-    leaks = next(t for t in doc["tables"] if t["name"] == "leaks")
+    assert {t["name"] for t in doc["tables"]} == {"leakage", "cost"}
+    leaks = next(t for t in doc["tables"] if t["name"] == "leakage")
     assert [row[0] for row in leaks["rows"]] == ["idlg", "idlg"]  # one attack x two defences
 
 
-def test_audit_without_heldout_data_says_the_cost_is_not_measured(user):
-    r = _invoke("audit", "--model", "my.py:build", "--weights", "w.pt", "--data", "train.csv", "--label-column",
-                "label", "--attacks", "idlg", "--defenses", "none", "--batch-sizes", "1")
-    assert r.exit_code == 0, r.output
-    assert "accuracy cost of the defences is not measured" in " ".join(r.output.split())
-    assert max(len(line) for line in r.stdout.splitlines()) <= 80
+def test_audit_of_a_file_needs_heldout_data_or_no_cost(user):
+    base = ("audit", "--model", "my.py:build", "--weights", "w.pt", "--data", "train.csv", "--label-column", "label",
+            "--attacks", "idlg", "--defenses", "none", "--batch-sizes", "1")
+    r = _invoke(*base)
+    assert r.exit_code == 2 and "--heldout SPEC" in r.output and "Traceback" not in r.output
+    ok = _invoke(*base, "--n-heldout", "0")
+    assert ok.exit_code == 0, ok.output
+    assert max(len(line) for line in ok.stdout.splitlines()) <= 80
 
 
 def test_a_misspelt_attack_is_refused_before_anything_is_loaded(user):

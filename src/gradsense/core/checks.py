@@ -497,6 +497,11 @@ def check_loss_batch(
             + (" Give data as (inputs, labels)." if y is None else "")
         ) from err
     check_scalar_loss(value)
+    if not bool(torch.isfinite(value.detach())):  # the first batch only: later batches are the analysis' own
+        raise ValueError(
+            f"{what}: the loss is {float(value)} on the first examples, so every derivative of it would be NaN. Check "
+            "the model's parameters and outputs for NaN/Inf (e.g. a diverged checkpoint) and that loss_fn is finite."
+        )
     return value
 
 

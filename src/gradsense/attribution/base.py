@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory
-from gradsense.core.checks import check_inputs, explain_model_errors, first_forward
+from gradsense.core.checks import check_inputs, check_names, explain_model_errors, first_forward, suggest
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients, warn_if_train_mode
 from gradsense.core.targets import Batch, Target, TargetLike, _output_tensor, as_target
@@ -59,7 +59,7 @@ def get_method(name: str) -> type[Attribution]:
         raise TypeError(f"method must be a name (str), got {type(name).__name__}; available: {method_names()}.")
     key = name.lower().replace("-", "_").replace(" ", "_")
     if key not in METHODS:
-        raise ValueError(f"unknown attribution method {name!r}; available: {method_names()}.")
+        raise ValueError(f"unknown attribution method {name!r}; available: {method_names()}.{suggest(name, METHODS)}")
     return METHODS[key]
 
 
@@ -201,6 +201,9 @@ class Attribution:
         check_inputs(inputs)
         self._check(inputs)
         n = inputs.shape[0]
+        titles = check_names(titles, n, "titles", "examples")
+        if inputs.ndim == 2:  # tabular: one name per column
+            feature_names = check_names(feature_names, inputs.shape[1], "feature_names", "features")
         model = self.model
         warn_if_train_mode(model, self.name)
         t0 = time.perf_counter()

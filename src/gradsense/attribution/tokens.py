@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from gradsense.attribution.path import quadrature
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory
-from gradsense.core.checks import check_positive_int
+from gradsense.core.checks import check_positive_int, suggest
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.grad import input_gradients
 from gradsense.core.hooks import replace_output
@@ -186,7 +186,7 @@ class TokenAttribution:
     ) -> None:
         self.model = check_model(model)
         if method not in TOKEN_METHODS:
-            raise ValueError(f"token attribution method must be one of {TOKEN_METHODS}, got {method!r}.")
+            raise ValueError(f"token attribution method must be one of {TOKEN_METHODS}, got {method!r}.{suggest(method, TOKEN_METHODS)}")
         check_positive_int(steps, "steps")
         quadrature(rule, steps)
         if baseline not in ("pad", "zeros"):

@@ -100,7 +100,12 @@ def attribute_cmd(
     if is_text:
         from gradsense.attribution.tokens import TokenAttribution, find_embedding_layer, similarity_target
 
-        find_embedding_layer(model)  # a clear error for image models given text
+        try:
+            find_embedding_layer(model)  # a clear error for image or tabular models given text
+        except ValueError as err:
+            given = "--text" if texts else f"{run.options['data']} is text"
+            raise ValueError(f"{given}, but {run.model_spec} has no nn.Embedding layer to attribute tokens at: text "
+                             "needs a text model such as zoo:minilm or hf:DIR (with its tokenizer).") from err
         labels = None
         if texts:
             sentences = list(texts)
@@ -138,6 +143,8 @@ def attribute_cmd(
                                   **run.engine_kwargs(get_method(method), **opts))
         name = method
     run.rows(result.title, result.summary(), name=name)
+    if not is_text:
+        _feature_table(run, result, feature_names)
     if run.out:
         from gradsense.viz.report import Report
 
@@ -150,6 +157,21 @@ def attribute_cmd(
         run.wrote(path)
     else:
         run.add(name, result)
+
+
+def _feature_table(run: Run, result: Any, feature_names: Any, top: int = 10) -> None:
+    """For tabular inputs (N, F): the features ranked by mean |attribution| over the examples, with the signed mean."""
+    a = result.tensors["attributions"]
+    if a.ndim != 2:
+        return  # images: the maps are in the run folder's figures and report
+    names = list(feature_names) if feature_names is not None and len(feature_names) == a.shape[1] else \
+        [f"x[{j}]" for j in range(a.shape[1])]
+    mean_abs, mean = a.abs().mean(0), a.mean(0)
+    order = mean_abs.argsort(descending=True).tolist()[:top]
+    rows = [[str(r + 1), names[j], f"{float(mean_abs[j]):.4g}", f"{float(mean[j]):+.4g}"] for r, j in enumerate(order)]
+    shown = f"top {len(order)} of {a.shape[1]}" if a.shape[1] > len(order) else f"all {a.shape[1]}"
+    run.table(f"Features by mean |attribution| over {a.shape[0]} example(s) ({shown})",
+              ["rank", "feature", "mean |attribution|", "mean attribution"], rows, name=f"{result.method}-features")
 
 
 def _whole_dataset(run: Run, model: Any, method: str, target: str | None, opts: dict[str, Any],

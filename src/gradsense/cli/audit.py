@@ -84,8 +84,10 @@ def audit_cmd(run: Run, heldout_spec: str | None, attacks: str, defenses: str, b
     \b
     Examples:
       gradsense audit --model zoo:photos-lenet --data photos --out runs/audit
-      gradsense audit --model zoo:photos-cnn --data photos --attacks idlg,inverting --defenses none,dp:0.1 --batch-sizes 1,8
-      gradsense audit --model zoo:photos-lenet --data photos --untrained --steps 300 --dlg-steps 20
+      gradsense audit --model zoo:photos-cnn --data photos \\
+          --attacks idlg,inverting --defenses none,dp:0.1 --batch-sizes 1,8
+      gradsense audit --model zoo:photos-lenet --data photos --untrained \\
+          --steps 300 --dlg-steps 20
     """
     import torch
 
@@ -101,6 +103,12 @@ def audit_cmd(run: Run, heldout_spec: str | None, attacks: str, defenses: str, b
     defense_list = _parse_list(defenses, str, "--defenses")
     for d in defense_list:
         gs.privacy.parse_defense(d)
+    from gradsense.core.checks import suggest
+
+    for a in attack_list:  # every name checked before anything is loaded
+        if a not in gs.privacy.ATTACKS:
+            raise ValueError(f"unknown attack {a!r} in --attacks; choose from {sorted(gs.privacy.ATTACKS)}."
+                             f"{suggest(a, gs.privacy.ATTACKS)}")
     model = run.model()
     seed, split = run.seed, str(run.options.get("split") or "train")
     spec = run.data_spec()

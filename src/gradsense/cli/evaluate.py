@@ -98,7 +98,10 @@ def evaluate_cmd(
         _print_table(run, table)
     sens = None
     if order > 0:
-        full = run.data(spec=spec, n=None, labels=True)
+        limit = run.options.get("n")
+        # --n examples that were all of the data are all of it: read the file once
+        full = data if data.labels is not None and limit is not None and len(data) < int(limit) else \
+            run.data(spec=spec, n=None, labels=True)
         with run.stage(f"dataset-level sensitivity up to order {order} on {len(full)} examples"):
             sens = global_sensitivity(model, full.pair(), loss_fn=run.loss(), order=order,
                                       feature_names=full.feature_names, name=run.model_spec,

@@ -125,8 +125,9 @@ def influence_cmd(run: Run, train_spec: str | None, query_spec: str, n_query: in
     Examples:
       gradsense influence --model zoo:digits-cnn --data zoo:digits --split train \\
           --query zoo:digits --n-query 4 --method ekfac
-      gradsense influence --model zoo:digits-cnn --train digits:train --query digits:test[:8] \\
-          --method grad_cos --proj-dim 2048 --out runs/influence --self-influence
+      gradsense influence --model zoo:digits-cnn --train digits:train \\
+          --query "digits:test[:8]" --method grad_cos --proj-dim 2048 \\
+          --out runs/influence --self-influence
     """
     import gradsense as gs
 

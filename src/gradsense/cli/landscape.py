@@ -64,10 +64,12 @@ def landscape_cmd(
                                 **run.engine_kwargs(sharpness))
             sharp.append(res)
             value = f"{res.value:.4g}" + (f" ± {res.stderr:.1g}" if res.stderr is not None else "")
-            rows.append([kind, value, WHAT[kind], f"{res.n_loss} / {res.n_grad} / {res.n_hvp}",
-                         f"{res.meta['wall_time_s']:.2f}"])
+            rows.append([kind, value, f"{res.n_loss} / {res.n_grad} / {res.n_hvp}", f"{res.meta['wall_time_s']:.2f}"])
+        # the definitions under the table, one line each: in a column they wrap mid-formula at 80 columns
         run.table(f"Sharpness (rho={rho}, {len(data)} examples)",
-                  ["kind", "value", "what", "passes: loss/grad/HVP", "seconds"], rows, name="sharpness")
+                  ["kind", "value", "passes: loss/grad/HVP", "seconds"], rows, name="sharpness")
+        for kind in SHARPNESS_KINDS:
+            run.note(f"{kind}: {WHAT[kind]}")
     results = [("surface", surface), *((f"sharpness-{r.meta['kind']}", r) for r in sharp)]
     for key, res in results:
         run.add(key, res)

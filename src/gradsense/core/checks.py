@@ -2,7 +2,8 @@
 
 This is the one checking path; analyses call it rather than growing their own copies:
 
-- :func:`check_inputs`, :func:`check_positive_int`, :func:`draw_seed`: arguments;
+- :func:`check_inputs`, :func:`check_positive_int`, :func:`check_memory`, :func:`check_names`, :func:`draw_seed`:
+  arguments; :func:`suggest` and :func:`check_choice` for names (``did you mean 'integrated_gradients'?``);
 - :func:`check_eval_mode`: BatchNorm/Dropout in train mode anywhere in the model (not only the root);
 - :func:`first_forward` (and :func:`explain_model_errors` around a forward the caller runs itself): the first
   forward, on a two-row probe, with dtype/device mismatches named on both sides and shape errors named with the
@@ -16,27 +17,124 @@ Empty data and DataLoaders that yield no batch are refused by :func:`gradsense.c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import difflib
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradsense.core.functional import describe_training, training_stochastic_layers
+from gradsense.core.functional import describe_training, preserve_model, training_stochastic_layers
 from gradsense.core.losses import ignore_index, label_kind, model_output, scored_output
 
 __all__ = [
+    "check_choice",
     "check_eval_mode",
     "check_inputs",
     "check_labels",
+    "check_labels_fit",
     "check_loss_batch",
+    "check_memory",
+    "check_module_batch",
+    "check_names",
+    "check_out_dir",
     "check_positive_int",
     "check_scalar_loss",
     "draw_seed",
     "explain_model_errors",
     "first_forward",
+    "known_labels",
+    "suggest",
 ]
+
+
+def suggest(value: Any, choices: Iterable[Any]) -> str:
+    """`` Did you mean 'x'?`` for the choice closest to a misspelt ``value`` (empty when none is close).
+
+    Appended to every "unknown name" message, so ``method='integrated_gradient'`` says which name was meant.
+    """
+    if not isinstance(value, str):
+        return ""
+    names = [str(c) for c in choices]
+    close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+    if not close:  # a different case or separator ('Integrated-Gradients') or a prefix ('integrated')
+        norm = {c.lower().replace("-", "_").replace(" ", "_"): c for c in names}
+        key = value.lower().replace("-", "_").replace(" ", "_")
+        close = [norm[key]] if key in norm else [c for c in names if key and c.lower().startswith(key)][:1]
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_choice(value: Any, choices: Sequence[Any], name: str) -> Any:
+    """Return ``value`` if it is one of ``choices``; otherwise one ``ValueError`` naming them (and the closest).
+
+    Raises:
+        ValueError: ``value`` is not a choice (also for unhashable or non-string values).
+    """
+    try:
+        ok = value in choices
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}.{suggest(value, choices)}")
+    return value
+
+
+def check_memory(max_memory: Any) -> int | None:
+    """Parse ``max_memory`` (bytes, or a size such as ``"8GB"``) before any work; ``None`` passes through.
+
+    Raises:
+        ValueError: A size that is not understood or not positive (``"bad"``, ``-5``, ``"0GB"``).
+    """
+    if max_memory is None:
+        return None
+    from gradsense.core.batching import (
+        parse_memory,  # batching imports torch only; imported here to stay light
+    )
+
+    return parse_memory(max_memory)
+
+
+def check_out_dir(path: Any, name: str = "out") -> Path:
+    """Check a folder argument (``out=``, ``log_dir=``) before any work: a path that is not an existing file.
+
+    Raises:
+        TypeError: Not a str or path.
+        ValueError: The path exists and is a file (or something else that is not a folder), or lies inside a file.
+    """
+    if isinstance(path, bool) or not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a folder path (str or pathlib.Path), got {type(path).__name__}.")
+    folder = Path(path)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            where = "is" if p == folder else f"lies inside {p}, which is"
+            raise ValueError(f"{name}={str(path)!r} {where} a file, not a folder: give a folder path (it is created "
+                             "if needed), e.g. the file's name without its extension.")
+    return folder
+
+
+def check_names(names: Any, count: int, name: str, what: str) -> list[str] | None:
+    """Check a list of labels for plots (``titles``, ``feature_names``): ``count`` strings, or ``None``.
+
+    Args:
+        names: What the caller passed.
+        count: How many are needed.
+        name: The argument, for the message.
+        what: What each name names, e.g. ``"examples"`` or ``"features"``.
+
+    Raises:
+        TypeError: Not a list/tuple of strings (a single string is refused: it would be read letter by letter).
+        ValueError: A different number of names than ``count``.
+    """
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise TypeError(f"{name} must be a list of {count} strings (one per {what[:-1]}), got {type(names).__name__}.")
+    if len(names) != count:
+        raise ValueError(f"{name} has {len(names)} names, but there are {count} {what}; give one per {what[:-1]}.")
+    return [str(n) for n in names]
 
 
 def check_inputs(inputs: Any, *, name: str = "inputs", min_ndim: int = 2, needs_grad: bool = True) -> Tensor:
@@ -88,12 +186,19 @@ def check_positive_int(value: Any, name: str, *, minimum: int = 1) -> int:
 
 def _mismatch(model: nn.Module | None, inputs: Tensor) -> str | None:
     """Why floating-point ``inputs`` do not fit the model's parameters (dtype or device), or ``None``."""
-    if model is None or not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+    if model is None or not isinstance(inputs, Tensor):
         return None
     kinds = {(p.dtype, p.device) for p in model.parameters() if p.is_floating_point()}
     if len(kinds) != 1:
         return None
     ((dtype, device),) = kinds
+    if not inputs.is_floating_point():
+        if inputs.is_complex() or any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) for m in model.modules()):
+            return None  # token ids into an embedding: the failure is something else
+        return (
+            f"inputs are {inputs.dtype} (integers) but the model's parameters are {dtype}; convert them with "
+            f"inputs.to({dtype}) (token ids need a model that starts with an nn.Embedding)."
+        )
     if inputs.dtype != dtype:
         return (
             f"inputs are {inputs.dtype} but the model's parameters are {dtype}; convert them with "
@@ -392,7 +497,76 @@ def check_loss_batch(
             + (" Give data as (inputs, labels)." if y is None else "")
         ) from err
     check_scalar_loss(value)
+    if not bool(torch.isfinite(value.detach())):  # the first batch only: later batches are the analysis' own
+        raise ValueError(
+            f"{what}: the loss is {float(value)} on the first examples, so every derivative of it would be NaN. Check "
+            "the model's parameters and outputs for NaN/Inf (e.g. a diverged checkpoint) and that loss_fn is finite."
+        )
     return value
+
+
+def known_labels(data: Any) -> Tensor | None:
+    """Every label of ``data`` as one tensor, when the data holds them as one (else ``None``).
+
+    ``(inputs, labels)`` pairs, ``TensorDataset``s (and ``Subset``s of them) and DataLoaders over those: their labels
+    are checked against the output width before any work (:func:`check_labels`), so a label out of range in the
+    last batch is one clear error up front, not an ``IndexError`` from inside the loss half-way through.
+    """
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    if isinstance(data, DataLoader):
+        data = data.dataset
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
+        return data[1]
+    if isinstance(data, Subset) and isinstance(data.dataset, TensorDataset) and len(data.dataset.tensors) >= 2:
+        return data.dataset.tensors[1][torch.as_tensor(list(data.indices), dtype=torch.long)]
+    if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
+        return data.tensors[1]
+    return None
+
+
+def check_module_batch(
+    model: nn.Module, loss_fn: Any, inputs: Any, labels: Any, *, what: str, more_labels: Iterable[Any] = ()
+) -> None:
+    """:func:`check_loss_batch` on the caller's module itself, leaving it and the global RNG as they were.
+
+    For analyses that call ``model(x)`` rather than a functional copy (influence, privacy): the probe forward runs
+    in the model's own train/eval mode, so a train-mode BatchNorm's running statistics are put back afterwards
+    (:func:`gradsense.core.functional.preserve_model`) and a train-mode Dropout's draw does not move the caller's
+    random stream.
+
+    Raises:
+        ValueError, TypeError: As :func:`check_loss_batch`.
+    """
+    if not isinstance(inputs, Tensor):
+        return  # dict/tuple inputs of a model of one's own: its forward is the judge
+    devices = [inputs.device] if inputs.device.type == "cuda" else []
+    with preserve_model(model), torch.random.fork_rng(devices=devices):
+        check_loss_batch(model, loss_fn, inputs, labels, what=what, model=model, more_labels=more_labels)
+
+
+def check_labels_fit(model: nn.Module, loss_fn: Any, labels: Any, input_shape: Sequence[int], *, what: str) -> None:
+    """Check labels given without inputs (e.g. to an attack) against the model's output width.
+
+    One forward of two all-zero inputs of ``input_shape`` on the caller's module, which is left as it was
+    (:func:`check_module_batch`); then :func:`check_labels`. Nothing is checked when the forward itself fails on
+    zeros (the analysis will say why) or for losses whose labels are unknown.
+
+    Raises:
+        ValueError: Labels out of range of the output width, or of the wrong dtype or shape.
+    """
+    if not isinstance(labels, Tensor) or label_kind(loss_fn) is None:
+        return
+    p = next((t for t in model.parameters() if t.is_floating_point()), None)
+    zeros = torch.zeros((2, *input_shape), dtype=p.dtype if p is not None else None,
+                        device=p.device if p is not None else None)
+    devices = [zeros.device] if zeros.device.type == "cuda" else []
+    with preserve_model(model), torch.random.fork_rng(devices=devices), torch.no_grad():
+        try:
+            out = model(zeros)
+        except MODEL_ERRORS:
+            return
+    check_labels(loss_fn, out, labels, what=what)
 
 
 def out_rows(inputs: Tensor, probe: int | None) -> int:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, parse_memory, progress
-from gradsense.core.checks import check_inputs, check_positive_int, first_forward
+from gradsense.core.checks import check_inputs, check_positive_int, first_forward, suggest
 from gradsense.core.functional import check_model, model_fingerprint
 from gradsense.core.grad import warn_if_train_mode
 from gradsense.core.targets import (
@@ -82,7 +82,7 @@ def get_metric(name: str) -> MetricFn:
         raise TypeError(f"metric must be a name (str), got {type(name).__name__}; available: {metric_names()}.")
     key = name.lower().replace("-", "_").replace(" ", "_")
     if key not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; available metrics: {metric_names()}.")
+        raise ValueError(f"unknown metric {name!r}; available metrics: {metric_names()}.{suggest(name, METRICS)}")
     return METRICS[key]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradsense.core.checks import check_eval_mode
+from gradsense.core.checks import check_eval_mode, check_memory, suggest
 from gradsense.core.distributed import DataLike
 from gradsense.core.functional import ParamSpec, check_model, model_fingerprint, preserve_model
 from gradsense.importance import masks as _masks
@@ -170,10 +170,10 @@ def importance(
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
     if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}.")
+        raise ValueError(f"unknown method {method!r}; available: {sorted(METHODS)}.{suggest(method, METHODS)}")
     spec = METHODS[method]
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.")
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}.{suggest(granularity, GRANULARITIES)}")
     if granularity not in spec.granularities:
         raise ValueError(f"method={method!r} supports granularity {spec.granularities}, not {granularity!r}.")
     unknown = sorted(set(options) - set(spec.options))
@@ -183,6 +183,7 @@ def importance(
         raise TypeError(f"seed must be an int, got {seed!r}.")
     if spec.check is not None:
         spec.check(options)
+    check_memory(max_memory)
     if data is None and spec.needs_data:
         raise ValueError(f"method={method!r} needs calibration data (data=None given).")
     if data is not None:

@@ -32,7 +32,14 @@ from gradsense.core.batching import (
     parse_memory,
     progress,
 )
-from gradsense.core.checks import check_positive_int, check_scalar_loss, draw_seed, explain_model_errors
+from gradsense.core.checks import (
+    check_module_batch,
+    check_positive_int,
+    check_scalar_loss,
+    draw_seed,
+    explain_model_errors,
+    known_labels,
+)
 from gradsense.core.functional import (
     ParamSpec,
     check_model,
@@ -253,9 +260,18 @@ def check_labelled(model: nn.Module, loss_fn: Any, data: Any, what: str) -> tupl
     if layers:
         raise ValueError(f"{describe_training(layers)}: per-example gradients would depend on the batch and on "
                          "randomness. Call model.eval() first.")
-    with torch.no_grad(), explain_model_errors(x if isinstance(x, Tensor) else y, what, model):
-        value = loss_fn(model(x), y)
-    check_scalar_loss(value)
+    if not any(p.numel() for p in model.parameters()):
+        raise ValueError(f"{type(model).__name__} has no parameters, so it has no per-example gradients to compare. "
+                         "Pass the trained model whose training examples you want to score.")
+    if isinstance(x, Tensor):  # the shared first-batch check: shapes, dtypes, labels of all the data in range
+        # up to 256 rows (the probe runs two; a failure is named with these rows' shape, the data's own when smaller)
+        x1, y1 = take(data, 0, min(256, n)) if n > x.shape[0] else (x, y)
+        known = known_labels(data)
+        check_module_batch(model, loss_fn, x1, y1, what=what, more_labels=[known] if known is not None else [])
+    else:
+        with torch.no_grad(), explain_model_errors(y, what, model):
+            value = loss_fn(model(x), y)
+        check_scalar_loss(value)
     return n, x, y
 
 

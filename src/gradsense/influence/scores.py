@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunks
-from gradsense.core.checks import check_positive_int, draw_seed
+from gradsense.core.checks import check_positive_int, draw_seed, suggest
 from gradsense.core.functional import ParamSpec, functional, model_fingerprint
 from gradsense.core.layergrads import layer_io
 from gradsense.core.ranges import take
@@ -60,8 +60,8 @@ def _inputs_of(data: Any) -> Tensor | None:
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; available: {list(METHODS)}.")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; available: {list(METHODS)}.{suggest(method, METHODS)}")
 
 
 class _Setup:

@@ -18,6 +18,7 @@ import csv
 import json
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -164,7 +165,8 @@ def parse_shape(text: str | Sequence[int] | None, what: str = "input shape") -> 
     if text is None:
         return None
     try:
-        parts = [int(s) for s in text.replace("x", ",").split(",") if s.strip()] if isinstance(text, str) \
+        # every part must be a number: '3,x,4' or '3,,4' is a typo, not the shape (3, 4)
+        parts = [int(s) for s in text.strip().replace("x", ",").split(",")] if isinstance(text, str) \
             else [int(s) for s in text]
     except (TypeError, ValueError) as err:
         raise ValueError(f"{what} must be positive integers like 3,32,32; got {text!r}.") from err
@@ -409,6 +411,10 @@ def _labels_from(values: Sequence[Any], what: str) -> tuple[Tensor, list[str] | 
     return torch.tensor([index[str(v)] for v in values], dtype=torch.long), classes
 
 
+#: CSV header names that usually hold the labels: read as a feature only with a warning
+_LABEL_NAMES = {"label", "labels", "target", "targets", "y", "class", "classes", "diagnosis", "outcome", "category"}
+
+
 def _csv(path: Path, label_column: str | int | None) -> Data:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
@@ -435,6 +441,12 @@ def _csv(path: Path, label_column: str | int | None) -> Data:
         else:
             raise ValueError(f"{path} has no column {label_column!r}; its columns: {header[:20]}"
                              + (" ..." if len(header) > 20 else "") + ".")
+    elif not header_is_data:
+        likely = [h for h in header if h.strip().lower() in _LABEL_NAMES]
+        if likely:
+            warnings.warn(f"{path.name}: no label column given, so its column {likely[0]!r} is read as a feature and "
+                          f"the data has no labels; if it holds the labels, pass --label-column {likely[0]} "
+                          f"(label_column={likely[0]!r}).", UserWarning, stacklevel=3)
     features = [i for i in range(len(header)) if i != label_idx]
     if not features:
         raise ValueError(f"{path}: no feature columns left besides the label column.")

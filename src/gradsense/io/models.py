@@ -237,6 +237,8 @@ def load_model(spec: str, *, weights: str | os.PathLike[str] | None = None) -> n
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"model spec must be a non-empty string like {MODEL_FORMS}; got {spec!r}.")
+    if weights is not None and (isinstance(weights, bool) or not isinstance(weights, (str, os.PathLike))):
+        raise TypeError(f"weights must be a file path (.safetensors, .pt or .pth), got {type(weights).__name__}.")
     spec = spec.strip()
     model: Any
     if spec.startswith("zoo:"):

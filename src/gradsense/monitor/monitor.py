@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradsense.core.checks import check_positive_int
+from gradsense.core.checks import check_out_dir, check_positive_int
 from gradsense.core.distributed import all_reduce_sum, num_examples, world
 from gradsense.core.functional import check_model, model_fingerprint, preserve_model
 from gradsense.core.per_example import PerExampleNorms
@@ -247,7 +247,13 @@ class Monitor:
         check_positive_int(compact_every, "compact_every")
         self.curvature_hvp = check_positive_int(curvature_hvp, "curvature_hvp", minimum=8)
         check_positive_int(seed, "seed", minimum=0)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable (output, labels) -> scalar, got {type(loss_fn).__name__}.")
+        if log_dir is not None:
+            check_out_dir(log_dir, "log_dir")
         if "curvature" in self.schedule:
+            if isinstance(held_out, torch.Tensor):
+                raise ValueError("held_out holds inputs only, but curvature needs a loss: pass held_out=(inputs, labels).")
             if held_out is None or loss_fn is None:
                 if isinstance(quantities, str):
                     del self.schedule["curvature"]  # a preset asks for it only where it can be had

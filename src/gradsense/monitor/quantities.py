@@ -25,6 +25,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gradsense.core.checks import suggest
+
 __all__ = ["PRESETS", "QUANTITIES", "resolve_quantities"]
 
 QUANTITIES: dict[str, str] = {
@@ -63,7 +65,8 @@ def resolve_quantities(spec: Any) -> dict[str, int]:
     """
     if isinstance(spec, str):
         if spec not in PRESETS:
-            raise ValueError(f"quantities must be one of {sorted(PRESETS)}, a list of names or a dict; got {spec!r}.")
+            raise ValueError(f"quantities must be one of {sorted(PRESETS)}, a list of names or a dict; got {spec!r}."
+                             f"{suggest(spec, list(PRESETS) + list(QUANTITIES))}")
         out = dict(PRESETS[spec])
     elif isinstance(spec, Mapping):
         out = {}
@@ -77,7 +80,7 @@ def resolve_quantities(spec: Any) -> dict[str, int]:
         raise TypeError(f"quantities must be a preset name, a list of names or a dict; got {type(spec).__name__}.")
     unknown = sorted(set(out) - set(QUANTITIES))
     if unknown:
-        raise ValueError(f"unknown quantities {unknown}; known: {sorted(QUANTITIES)}.")
+        raise ValueError(f"unknown quantities {unknown}; known: {sorted(QUANTITIES)}.{suggest(unknown[0], QUANTITIES)}")
     if "alarms" in out:
         missing = [q for q in ("grad_norm", "update") if q not in out]
         if len(missing) == 2:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.core.batching import chunk_size_for, chunks, estimate_example_bytes, progress
-from gradsense.core.checks import check_positive_int, draw_seed
+from gradsense.core.checks import check_labels_fit, check_module_batch, check_positive_int, draw_seed, suggest
 from gradsense.core.distributed import DataLike, materialize
 from gradsense.core.functional import (
     ParamSpec,
@@ -63,6 +64,9 @@ ATTACKS: dict[str, AttackSpec] = {
 #: The audit's budgets where ``attack_options`` says nothing: one attack of each kind per cell must stay cheap,
 #: since an audit runs attacks x defences x batch sizes of them.
 AUDIT_BUDGETS: dict[str, dict[str, Any]] = {"inverting": {"steps": 300}, "dlg": {"steps": 20}}
+# what audit() passes to reconstruct() itself: attack_options may set any other of reconstruct's options
+_AUDIT_SETS = {"model", "loss_fn", "shared", "attack", "batch_size", "input_shape", "bounds", "truth", "seed",
+               "show_progress", "name"}
 
 ASSUMPTIONS = {
     "bn_eval": "BatchNorm in eval mode: running statistics, identical for the client and the attacker.",
@@ -252,8 +256,8 @@ def reconstruct(
     t0 = time.perf_counter()
     check_model(model)
     _check_loss(loss_fn)
-    if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; choose from {sorted(ATTACKS)}.")
+    if not isinstance(attack, str) or attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; choose from {sorted(ATTACKS)}.{suggest(attack, ATTACKS)}")
     check_positive_int(batch_size, "batch_size")
     msg = as_shared(model, shared, params=params)
     shape, bounds = _resolve_input(model, input_shape, bounds)
@@ -273,6 +277,8 @@ def reconstruct(
                              f"{tuple(labels.shape)}.")
     elif labels is not None and not joint:
         raise TypeError(f"labels must be None, an int tensor or 'joint', got {type(labels).__name__}.")
+    if isinstance(labels, Tensor) and shape is not None:  # labels in range of the model's classes, before any work
+        check_labels_fit(model, loss_fn, labels, shape, what="reconstruct")
     method = label_method if label_method != "auto" else ("idlg" if batch_size == 1 else "count")
     if labels is None:
         find_last_layer(model, msg, layer if attack != "analytic" else None)  # fails early if not identifiable
@@ -513,13 +519,14 @@ def audit(
     t0 = time.perf_counter()
     check_model(model)
     _check_loss(loss_fn)
-    attacks = list(attacks)
+    attacks = [attacks] if isinstance(attacks, str) else list(attacks)  # one name is one attack, not its letters
     if not attacks:
         raise ValueError("attacks is empty: name at least one of " + ", ".join(sorted(ATTACKS)) + ".")
     for a in attacks:
-        if a not in ATTACKS:
-            raise ValueError(f"unknown attack {a!r}; choose from {sorted(ATTACKS)}.")
+        if not isinstance(a, str) or a not in ATTACKS:
+            raise ValueError(f"unknown attack {a!r}; choose from {sorted(ATTACKS)}.{suggest(a, ATTACKS)}")
     defs = parse_defenses(defenses)
+    batch_sizes = [batch_sizes] if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool) else batch_sizes
     sizes = [check_positive_int(b, "batch_sizes entry") for b in batch_sizes]
     if not sizes:
         raise ValueError("batch_sizes is empty.")
@@ -529,9 +536,14 @@ def audit(
         check_positive_int(finetune_batch_size, "finetune_batch_size")
     options = {k: {**AUDIT_BUDGETS.get(k, {}), **dict(v)} for k, v in (attack_options or {}).items()}
     options.update({k: dict(v) for k, v in AUDIT_BUDGETS.items() if k not in options})
-    for k in options:
+    allowed = set(inspect.signature(reconstruct).parameters) - _AUDIT_SETS
+    for k, opts in options.items():
         if k not in ATTACKS:
-            raise ValueError(f"attack_options names unknown attack {k!r}.")
+            raise ValueError(f"attack_options names unknown attack {k!r}; choose from {sorted(ATTACKS)}.{suggest(k, ATTACKS)}")
+        bad = sorted(set(opts) - allowed)
+        if bad:
+            raise TypeError(f"attack_options[{k!r}] has unknown option(s) {bad}{suggest(bad[0], allowed)} "
+                            f"Options: {sorted(allowed)}.")
     x_all, y_all = materialize(data)
     if y_all is None:
         raise ValueError("audit needs labelled data: pass (inputs, labels), or a Dataset of (input, label) pairs.")
@@ -551,6 +563,10 @@ def audit(
         hx, hy = materialize(heldout)
         if hy is None:
             raise ValueError("heldout must hold labels: (inputs, labels).")
+    # the first forward, after every argument check: shapes, dtypes and every label in range, before any work
+    check_module_batch(model, loss_fn, x_all, y_all, what="audit", more_labels=[y_all])
+    if hx is not None:
+        check_module_batch(model, loss_fn, hx, hy, what="audit (heldout)", more_labels=[hy])
     seed = draw_seed(seed)
     device, _ = model_device_dtype(model)
     gen = torch.Generator().manual_seed(seed)

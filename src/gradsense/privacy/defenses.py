@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradsense.core.checks import suggest
 from gradsense.core.grad import per_example_grads
 from gradsense.privacy.shared import WeightUpdate, client_gradient, client_update
 
@@ -270,7 +271,7 @@ def parse_defense(spec: str | Defense) -> Defense:
     name, *args = spec.strip().split(":")
     if name not in DEFENSES:
         raise ValueError(f"unknown defence {spec!r}; choose from 'none', 'prune[:KEEP]', 'dp[:SIGMA[:CLIP]]', "
-                         "'fp16', 'int8', 'local[:STEPS[:LR]]'.")
+                         f"'fp16', 'int8', 'local[:STEPS[:LR]]'.{suggest(name, DEFENSES)}")
     try:
         if name == "prune" and args:
             return Prune(keep=float(args[0]))
@@ -281,7 +282,7 @@ def parse_defense(spec: str | Defense) -> Defense:
         if args:
             raise ValueError(f"defence {name!r} takes no value")
     except ValueError as err:
-        raise ValueError(f"cannot read defence {spec!r}: {err}.") from err
+        raise ValueError(f"cannot read defence {spec!r}: {str(err).rstrip('.')}.") from err
     return DEFENSES[name]()
 
 

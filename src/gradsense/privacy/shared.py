@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad
 
-from gradsense.core.checks import check_positive_int, explain_model_errors
+from gradsense.core.checks import check_module_batch, check_positive_int, explain_model_errors
 from gradsense.core.functional import ParamSpec, check_model, select_parameters
 
 __all__ = ["Shared", "WeightUpdate", "as_shared", "client_gradient", "client_update", "local_batches"]
@@ -202,6 +202,7 @@ def client_gradient(model: nn.Module, loss_fn: LossFn, inputs: Tensor, labels: T
     """
     check_model(model)
     names = list(_expected(model, params))
+    check_module_batch(model, loss_fn, inputs, labels, what="client_gradient")  # shapes, dtypes, labels in range
     theta, buffers = _state(model)
 
     def loss_of(p: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:  # buffers are an argument: BN may update them

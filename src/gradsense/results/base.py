@@ -38,6 +38,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from gradsense.core.checks import check_out_dir
 from gradsense.core.distributed import is_main_process
 
 __all__ = ["Result", "ResultFileError", "Stopwatch", "atomic_write_bytes", "atomic_write_text", "versions"]
@@ -238,7 +239,7 @@ class Result:
             TypeError: ``meta`` holds something JSON cannot represent (nothing is written then).
             RuntimeError: safetensors refuses the tensors, e.g. two that share memory (nothing is written).
         """
-        directory = Path(directory)
+        directory = check_out_dir(directory, "directory")
         if not is_main_process():
             return directory
         save_id = uuid.uuid4().hex

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from gradsense.core.checks import check_positive_int
 from gradsense.results.base import Result, atomic_write_text
 from gradsense.results.shards import ShardStore, is_shard_store
 
@@ -301,17 +302,19 @@ class InfluenceResult(Result):
 
     def _row(self, i: int) -> Tensor:
         if not -self.n_query <= i < self.n_query:
-            raise IndexError(f"query {i} out of range: there are {self.n_query} queries.")
+            raise IndexError(f"query {i} out of range: there are {self.n_query} queries (0..{self.n_query - 1}).")
         return self.scores[i]
 
     def top(self, i: int, k: int = 5) -> Ranked:
         """The ``k`` strongest proponents of query ``i`` (highest scores first)."""
+        check_positive_int(k, "k")
         row = self._row(i)
         v, idx = torch.topk(row, min(k, row.numel()))
         return Ranked(idx, v)
 
     def bottom(self, i: int, k: int = 5) -> Ranked:
         """The ``k`` strongest opponents of query ``i`` (lowest scores first)."""
+        check_positive_int(k, "k")
         row = self._row(i)
         v, idx = torch.topk(row, min(k, row.numel()), largest=False)
         return Ranked(idx, v)
@@ -419,6 +422,7 @@ class SelfInfluenceResult(Result):
 
     def top(self, k: int = 10) -> Ranked:
         """The ``k`` most self-influential examples (the first to inspect for label errors)."""
+        check_positive_int(k, "k")
         v, idx = torch.topk(self.scores, min(k, self.scores.numel()))
         return Ranked(idx, v)
 

@@ -112,8 +112,15 @@ class Attribution:
         n = rows.shape[0]
         if self.chunk_size is not None:
             return chunk_size_for(1, chunk_size=self.chunk_size, total=n)
-        per_row = estimate_example_bytes(self.model, rows[:2], forward=self._run)
-        return chunk_size_for(per_row, max_memory=self.max_memory, total=n, device=rows.device)
+        return chunk_size_for(self._row_bytes(rows), max_memory=self.max_memory, total=n, device=rows.device)
+
+    def _row_bytes(self, rows: Tensor) -> int:
+        """Estimated bytes of one row's forward+backward (a two-row probe), measured once per call and row shape."""
+        key = (tuple(rows.shape[1:]), rows.dtype, rows.device)
+        cache = self.__dict__.setdefault("_row_bytes_cache", {})
+        if key not in cache:
+            cache[key] = estimate_example_bytes(self.model, rows[:2], forward=self._run)
+        return cache[key]
 
     def _outputs(self, x: Tensor, first: Tensor | None = None) -> Tensor:
         """Model outputs on ``x`` without gradients, in chunks of ``chunk_size`` rows (default 256).
@@ -141,15 +148,17 @@ class Attribution:
             return target(known[1], Batch(inputs, torch.arange(inputs.shape[0], device=inputs.device)))
 
     def _gradients(
-        self, rows: Tensor, target: Target, index: Tensor, n_examples: int, desc: str = "gradients"
+        self, rows: Tensor, target: Target, index: Tensor, n_examples: int, desc: str = "gradients",
+        chunk: int | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """Input gradients of ``rows``; ``chunk``: rows per pass when the caller sized them from the budget already."""
         return input_gradients(
             self.model,
             rows,
             target,
             index=index,
             forward=self.forward,
-            chunk_size=self.chunk_size,
+            chunk_size=chunk or self.chunk_size,
             max_memory=self.max_memory,
             n_examples=n_examples,
             show_progress=self.show_progress,
@@ -241,6 +250,7 @@ class Attribution:
                 attributions, extra = self._compute(clean, resolved, torch.arange(n, device=inputs.device), n)
             finally:
                 self._first_forward = None
+                self.__dict__.pop("_row_bytes_cache", None)
             scores = extra.pop("scores", None)  # methods that run the clean inputs return their scores
             if scores is None or scores.shape != (n,):
                 with torch.no_grad():

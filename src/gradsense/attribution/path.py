@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from gradsense.attribution.base import Attribution, register
-from gradsense.core.batching import chunk_size_for, estimate_example_bytes
+from gradsense.core.batching import chunk_size_for
 from gradsense.core.checks import check_positive_int
 from gradsense.core.targets import Batch, Target
 
@@ -153,9 +153,9 @@ class _PathMethod(Attribution):
     """Shared: evaluate target gradients at many path points as one chunked batch."""
 
     def _grads_at(
-        self, points: Tensor, target: Target, index: Tensor, n_examples: int, desc: str
+        self, points: Tensor, target: Target, index: Tensor, n_examples: int, desc: str, chunk: int | None = None
     ) -> tuple[Tensor, Tensor]:
-        return self._gradients(points, target, index, n_examples, desc=desc)
+        return self._gradients(points, target, index, n_examples, desc=desc, chunk=chunk)
 
     def _scores(self, rows: Tensor, target: Target, index: Tensor) -> Tensor:
         out = []
@@ -265,7 +265,7 @@ class IntegratedGradients(_PathMethod):
         if self.chunk_size is not None:
             rows = self.chunk_size
         else:
-            per_row = estimate_example_bytes(self.model, x[:2], forward=self._run) + 2 * x[0].numel() * x.element_size()
+            per_row = self._row_bytes(x) + 2 * x[0].numel() * x.element_size()
             rows = chunk_size_for(per_row, max_memory=self.max_memory, total=s * n, device=x.device)
         per_group = max(1, rows // n)
         diff = x - base
@@ -274,7 +274,7 @@ class IntegratedGradients(_PathMethod):
             a = alphas[start : start + per_group]
             k = a.numel()
             points = (base.unsqueeze(0) + a.reshape((k,) + (1,) * x.ndim) * diff.unsqueeze(0)).reshape(k * n, *x.shape[1:])
-            grads, _ = self._grads_at(points, target, index.repeat(k), n_examples, desc=f"{s} path points")
+            grads, _ = self._grads_at(points, target, index.repeat(k), n_examples, desc=f"{s} path points", chunk=rows)
             avg += torch.einsum("s,s...->...", weights[start : start + k], grads.reshape(k, n, *x.shape[1:]))
             del points, grads
         return avg

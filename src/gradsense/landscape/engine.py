@@ -364,8 +364,9 @@ class LossEvaluator:
         ``functional_call`` swaps every tensor of the module in and out on each call, which costs about as
         much as a small model's forward. For an eval-mode model (forwards change no buffer) the points run
         on one private copy of the module instead, made here once per :meth:`evaluate`, whose tensors are
-        overwritten in place with each point's values (``copy_``) before an ordinary forward: the same
-        values and the same operations, so the same numbers. The caller's module is only read (copied).
+        pointed at each point's values (``tensor.data = value``: no copy, no functional call) before an
+        ordinary forward: the very tensors the functional call would use and the same operations, so the
+        same numbers. The caller's module is only read (copied).
         Train mode, tied or unmatched names, or a module that cannot be copied keep ``fallback``.
         """
         if self.train_mode:
@@ -389,13 +390,13 @@ class LossEvaluator:
         def point(values: Mapping[str, Tensor], x: Any, y: Any) -> tuple[Tensor, Tensor]:
             for n, v in values.items():
                 t = slots.get(n)
-                if t is None or t.shape != v.shape or t.dtype != v.dtype:
+                if t is None or t.shape != v.shape or t.dtype != v.dtype or t.device != v.device:
                     return fallback(values, x, y)
-                t.copy_(v)
+                t.data = v
             out = twin(x)
             loss = loss_fn(out, y).reshape(())
-            if has_acc:
-                correct = (_logits(out).argmax(-1) == y).sum()
+            if has_acc:  # the same count as the vmapped ``.sum()``, without a reduction's set-up per point
+                correct = (_logits(out).argmax(-1) == y).count_nonzero()
             else:
                 correct = torch.zeros((), dtype=torch.int64, device=loss.device)
             return loss, correct
@@ -407,9 +408,10 @@ class LossEvaluator:
         fn: Callable[..., tuple[Tensor, Tensor]], values: Mapping[str, Tensor], x: Any, y: Any
     ) -> tuple[Tensor, Tensor]:
         b = next(iter(values.values())).shape[0] if values else 1
+        rows = {k: v.unbind(0) for k, v in values.items()}  # every point's views at once, not one select each
         ls, cs = [], []
         for i in range(b):
-            loss, c = fn({k: v[i] for k, v in values.items()}, x, y)
+            loss, c = fn({k: r[i] for k, r in rows.items()}, x, y)
             ls.append(loss)
             cs.append(c)
         return torch.stack(ls), torch.stack(cs)

@@ -95,6 +95,9 @@ def _combiner(
     chunk of points is one fused ``addmm`` (``base + C @ D``); each tensor is a view into that block.
     With ``c = 0`` the result is exactly ``base`` (and with ``base=None``, ``c = (0, 1)`` gives exactly
     the second direction), so the model itself and interpolation endpoints are represented exactly.
+    The block is written into one buffer per group, allocated at the first call and reused (``out=``) by
+    the next ones: a fresh multi-megabyte block per chunk cost more in page faults than the ``addmm``
+    itself (bench/bench_landscape.py). The returned tensors are therefore only valid until the next call.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[str]] = {}
     for n in names:
@@ -106,11 +109,20 @@ def _combiner(
         flat_base = None if base is None else torch.cat([base[n].reshape(-1) for n in group]).unsqueeze(0)
         packed.append((device, dtype, group, mat, flat_base))
 
+    buffers: list[Tensor | None] = [None] * len(packed)
+
     def make(sl: slice) -> Params:
         out: Params = {}
-        for device, dtype, group, mat, flat_base in packed:
+        for i, (device, dtype, group, mat, flat_base) in enumerate(packed):
             c = coeffs[sl].to(device=device, dtype=dtype)
-            block = torch.mm(c, mat) if flat_base is None else torch.addmm(flat_base, c, mat)
+            buf = buffers[i]
+            if buf is None or buf.shape[0] < c.shape[0]:
+                buf = buffers[i] = torch.empty(c.shape[0], mat.shape[1], device=device, dtype=dtype)
+            block = buf[: c.shape[0]]
+            if flat_base is None:
+                torch.mm(c, mat, out=block)
+            else:
+                torch.addmm(flat_base, c, mat, out=block)
             offset = 0
             for n in group:
                 shape = directions[0][n].shape

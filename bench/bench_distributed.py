@@ -69,8 +69,8 @@ def workload_trace(args: argparse.Namespace) -> Callable[[], Any]:
 def workload_attribution(args: argparse.Namespace) -> Callable[[], Any] | None:
     """Attribution over a dataset (``gs.attribute_dataset``), or ``None`` where it does not exist yet.
 
-    Integrated gradients (16 steps) of the digits CNN over ``--examples`` digits in shards of 32, in memory
-    (``out=None``); the shards are dealt to the ranks.
+    Integrated gradients (16 steps) of the digits CNN over ``--examples`` digits in shards of 32, written to a
+    fresh temporary folder per call (under torch.distributed the shards are dealt to the ranks, rank 0 writes).
     """
     import gradsense as gs
 
@@ -81,8 +81,18 @@ def workload_attribution(args: argparse.Namespace) -> Callable[[], Any] | None:
     data = gs.zoo.dataset("digits", split="train")
     x, y = data.inputs[: args.examples], data.labels[: args.examples]
 
+    import itertools
+    import os
+    import tempfile
+
+    # under torch.distributed the shards go through a folder every rank can read (rank 0 writes); one fresh
+    # folder per call, the same name on every rank
+    base = os.path.join(tempfile.gettempdir(), f"gs-bench-attr-{os.environ.get('MASTER_PORT', 'single')}-{os.getppid() if 'MASTER_PORT' in os.environ else os.getpid()}")
+    calls = itertools.count()
+
     def call() -> Any:
-        return fn(model, (x, y), method="integrated_gradients", steps=16, shard_size=32, show_progress=False)
+        out = os.path.join(base, f"call{next(calls)}")
+        return fn(model, (x, y), method="integrated_gradients", steps=16, shard_size=32, show_progress=False, out=out)
 
     return call
 

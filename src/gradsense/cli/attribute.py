@@ -145,18 +145,23 @@ def attribute_cmd(
     run.rows(result.title, result.summary(), name=name)
     if not is_text:
         _feature_table(run, result, feature_names)
-    if run.out:
-        from gradsense.viz.report import Report
+    _keep(run, name, result)
 
-        with run.stage(f"writing {run.out}"):
-            run.save(name, result)
-            report = Report.extend(run.out / "report.html", f"gradsense attribute: {run.model_spec}",
-                                   source=f"attribute:{name}")
-            report.add_result(result)
-            path = report.write(run.out / "report.html")
-        run.wrote(path)
-    else:
+
+def _keep(run: Run, name: str, result: Any) -> None:
+    """With ``--out``: save the result and add its section to the folder's report; else keep it for ``--json``."""
+    if not run.out:
         run.add(name, result)
+        return
+    from gradsense.viz.report import Report
+
+    with run.stage(f"writing {run.out}"):
+        run.save(name, result)
+        report = Report.extend(run.out / "report.html", f"gradsense attribute: {run.model_spec}",
+                               source=f"attribute:{name}")
+        report.add_result(result)
+        path = report.write(run.out / "report.html")
+    run.wrote(path)
 
 
 def _feature_table(run: Run, result: Any, feature_names: Any, top: int = 10) -> None:
@@ -207,18 +212,7 @@ def _whole_dataset(run: Run, model: Any, method: str, target: str | None, opts: 
         return
     run.rows(result.title, result.summary(), name=name)
     _aggregate_tables(run, result)
-    if run.out:
-        from gradsense.viz.report import Report
-
-        with run.stage(f"writing {run.out}"):
-            run.save(name, result)
-            report = Report.extend(run.out / "report.html", f"gradsense attribute: {run.model_spec}",
-                                   source=f"attribute:{name}")
-            report.add_result(result)
-            path = report.write(run.out / "report.html")
-        run.wrote(path)
-    else:
-        run.add(name, result)
+    _keep(run, name, result)
 
 
 def _aggregate_tables(run: Run, result: Any) -> None:

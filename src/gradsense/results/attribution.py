@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradsense.results.base import Result, atomic_write_text
+from gradsense.results.base import Result
 
 __all__ = ["AttributionResult", "DatasetAttribution"]
 
@@ -286,32 +285,13 @@ class DatasetAttribution(Result):
             FileNotFoundError: Neither a result nor a shard folder.
             ValueError: An incomplete shard run (resume it first).
         """
-        from gradsense.results.shards import ShardStore, is_shard_store
+        from gradsense.results.shards import load_sharded_result
 
-        directory = Path(directory)
-        if is_shard_store(directory):
-            store = ShardStore.open(directory)
-            if store.pending or "result" not in store.meta:
-                raise ValueError(f"{directory} holds an incomplete attribution run ({len(store.done)}/{store.n_shards} "
-                                 "shards); resume it with attribute_dataset(..., out=folder, resume=True).")
-            meta = dict(store.meta["result"])
-            meta["store"] = str(directory.resolve())
-            return cls(tensors={}, meta=meta)
-        res = Result.load(directory)
-        if not isinstance(res, DatasetAttribution):
-            raise ValueError(f"{directory} holds a {type(res).__name__}, not a DatasetAttribution.")
-        return res
+        return load_sharded_result(cls, directory, resume_hint="attribute_dataset(..., out=folder, resume=True)")
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Save; a sharded result saved into its own folder only adds ``result.json`` (no copy of the maps)."""
-        directory = Path(directory)
-        if self.sharded and directory.resolve() == Path(str(self.meta["store"])).resolve():
-            meta = dict(self.meta)
-            meta.setdefault("type", type(self).__name__)
-            atomic_write_text(directory / "result.json", json.dumps(meta, indent=2, sort_keys=True))
-            return directory
-        if self.sharded:
-            tensors = self._store().read_all()
-            meta = {k: v for k, v in self.meta.items() if k != "store"}
-            return Result.save(dataclasses.replace(self, tensors=tensors, meta=meta, cache={}), directory)
-        return super().save(directory)
+        from gradsense.results.shards import save_sharded_result
+
+        saved = save_sharded_result(self, directory, cache={})
+        return saved if saved is not None else super().save(directory)

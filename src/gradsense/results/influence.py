@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from gradsense.core.checks import check_positive_int
-from gradsense.results.base import Result, atomic_write_text
-from gradsense.results.shards import ShardStore, is_shard_store
+from gradsense.results.base import Result
+from gradsense.results.shards import ShardStore, is_shard_store, load_sharded_result, save_sharded_result
 
 __all__ = [
     "CONVENTIONS",
@@ -188,36 +188,12 @@ class GradientFeatures(Result):
             FileNotFoundError: Neither a result nor a shard folder.
             ValueError: An incomplete shard run (resume it first).
         """
-        directory = Path(directory)
-        if is_shard_store(directory):
-            store = ShardStore.open(directory)
-            if store.pending or "result" not in store.meta:
-                raise ValueError(f"{directory} holds an incomplete features run ({len(store.done)}/{store.n_shards} "
-                                 "shards); resume it with features(..., out=folder, resume=True).")
-            meta = dict(store.meta["result"])
-            meta["store"] = str(directory.resolve())
-            return cls(tensors={}, meta=meta)
-        res = Result.load(directory)
-        if not isinstance(res, GradientFeatures):
-            raise ValueError(f"{directory} holds a {type(res).__name__}, not GradientFeatures.")
-        return res
+        return load_sharded_result(cls, directory, resume_hint="features(..., out=folder, resume=True)")
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Save; sharded features saved into their own folder only add ``result.json`` (no copy)."""
-        directory = Path(directory)
-        if self.sharded and directory.resolve() == Path(str(self.meta["store"])).resolve():
-            import json
-
-            meta = dict(self.meta)
-            meta.setdefault("type", type(self).__name__)
-            atomic_write_text(directory / "result.json", json.dumps(meta, indent=2, sort_keys=True))
-            return directory
-        if self.sharded:
-            store = self._store()
-            tensors = store.read_all()
-            meta = {k: v for k, v in self.meta.items() if k != "store"}
-            return Result.save(dataclasses.replace(self, tensors=tensors, meta=meta), directory)
-        return super().save(directory)
+        saved = save_sharded_result(self, directory)
+        return saved if saved is not None else super().save(directory)
 
     @property
     def title(self) -> str:

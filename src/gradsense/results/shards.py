@@ -34,6 +34,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,7 +51,7 @@ from torch import Tensor
 
 from gradsense.core.batching import progress
 from gradsense.core.distributed import is_main_process, world
-from gradsense.results.base import atomic_write_bytes, atomic_write_text, versions
+from gradsense.results.base import Result, _fsync_dir, atomic_write_bytes, atomic_write_text, versions
 
 __all__ = ["MANIFEST", "ShardStore", "is_shard_store", "previous_run"]
 
@@ -85,19 +86,6 @@ def _normalise(config: Mapping[str, Any]) -> dict[str, Any]:
         return json.loads(json.dumps(dict(config), sort_keys=True))
     except (TypeError, ValueError) as err:
         raise TypeError(f"ShardStore config must be JSON-serialisable: {err}") from err
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -387,6 +375,50 @@ class ShardStore:
     def _barrier(self) -> None:
         if world()[1] > 1:
             torch.distributed.barrier()
+
+
+def load_sharded_result(cls: type[Result], directory: str | os.PathLike[str], *, resume_hint: str) -> Any:
+    """Open a result of type ``cls`` saved with ``save()`` or written as shards to ``directory``.
+
+    Args:
+        cls: The sharded result type (its tensors are read lazily from the folder's shards).
+        directory: A saved result's folder, or a shard folder written with ``out=``.
+        resume_hint: The call that resumes an incomplete run, for the error message.
+
+    Raises:
+        FileNotFoundError: Neither a result nor a shard folder.
+        ValueError: An incomplete shard run, or a result of another type.
+    """
+    directory = Path(directory)
+    if is_shard_store(directory):
+        store = ShardStore.open(directory)
+        if store.pending or "result" not in store.meta:
+            raise ValueError(f"{directory} holds an incomplete run ({len(store.done)}/{store.n_shards} shards); "
+                             f"resume it with {resume_hint}.")
+        meta = dict(store.meta["result"])
+        meta["store"] = str(directory.resolve())
+        return cls(tensors={}, meta=meta)
+    res = Result.load(directory)
+    if not isinstance(res, cls):
+        raise ValueError(f"{directory} holds a {type(res).__name__}, not a {cls.__name__}.")
+    return res
+
+
+def save_sharded_result(result: Any, directory: str | os.PathLike[str], **fields: Any) -> Path | None:
+    """Save a sharded result: into its own shard folder only ``result.json`` is added (no copy of the tensors);
+    elsewhere the shards are read and saved as an ordinary result (``fields`` replaced as well). Returns ``None``
+    for a result that is not sharded (save it the ordinary way)."""
+    if not result.sharded:
+        return None
+    directory = Path(directory)
+    if directory.resolve() == Path(str(result.meta["store"])).resolve():
+        meta = dict(result.meta)
+        meta.setdefault("type", type(result).__name__)
+        atomic_write_text(directory / "result.json", json.dumps(meta, indent=2, sort_keys=True))
+        return directory
+    tensors = result._store().read_all()
+    meta = {k: v for k, v in result.meta.items() if k != "store"}
+    return Result.save(dataclasses.replace(result, tensors=tensors, meta=meta, **fields), directory)
 
 
 def _broadcast_bytes(payload: bytes | None, src: int) -> bytes:
